@@ -1,0 +1,168 @@
+"""Callbacks: target-network syncing and rollout evaluation in the real environment.
+
+Both count *updates* (the module's ``updates``, one per ``training_step``), not
+Lightning's ``global_step``, which under manual optimisation counts every optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from .datasets import evaluate_policy
+from .networks import polyak_update
+
+
+class TargetNetworkUpdate(Callback):
+    r"""Keep ``target_q_net`` behind ``q_net``.
+
+    Args:
+        tau: Polyak rate, :math:`\bar\phi \leftarrow (1-\tau)\bar\phi + \tau\phi` after every update.
+        hard_every_n_updates: if set, copy the weights outright every N updates instead.
+    """
+
+    def __init__(self, tau: float = 0.005, hard_every_n_updates: int | None = None):
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {tau}")
+        if hard_every_n_updates is not None and hard_every_n_updates < 1:
+            raise ValueError(f"hard_every_n_updates must be at least 1, got {hard_every_n_updates}")
+        self.tau = tau
+        self.hard_every_n_updates = hard_every_n_updates
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self.hard_every_n_updates is not None:
+            if pl_module.updates % self.hard_every_n_updates == 0:
+                polyak_update(pl_module.target_q_net, pl_module.q_net, 1.0)
+        else:
+            polyak_update(pl_module.target_q_net, pl_module.q_net, self.tau)
+
+
+def normalized_score(ret: float, random_return: float | None, expert_return: float | None) -> float | None:
+    """100·(R − R_random)/(R_expert − R_random), or ``None`` where a reference is unknown."""
+    if random_return is None or expert_return is None or expert_return == random_return:
+        return None
+    return 100.0 * (ret - random_return) / (expert_return - random_return)
+
+
+class RolloutEvaluation(Callback):
+    """Run the module's ``act`` in the environment every N updates and at the end of fit.
+
+    The environment is the one recorded in the expert dataset (Minari metadata) unless
+    ``env_id`` is given. Episodes reset with seeds ``seed, seed+1, …``. Reference returns
+    come from the dataset metadata unless given here. At the end of fit it prints the
+    learned controller's return next to the references and writes
+    ``rollout_summary.json`` into the logger's directory.
+
+    Args:
+        every_n_updates: evaluate every N updates (``0``: only at the end).
+        episodes: evaluation episodes.
+        seed: reset seed of the first episode.
+        env_id: Gymnasium id overriding the dataset's environment.
+        env_kwargs: keyword arguments for ``gym.make``.
+        deterministic: act greedily (argmax / best candidate).
+        random_return: R_random override.
+        expert_return: R_expert override.
+        at_end: evaluate (if not just done) and print the summary when fit ends.
+    """
+
+    def __init__(self, every_n_updates: int = 5000, episodes: int = 10, seed: int = 10000,
+                 env_id: str | None = None, env_kwargs: dict[str, Any] | None = None,
+                 deterministic: bool = True, random_return: float | None = None,
+                 expert_return: float | None = None, at_end: bool = True):
+        if episodes < 1:
+            raise ValueError(f"episodes must be at least 1, got {episodes}")
+        self.every_n_updates = every_n_updates
+        self.episodes = episodes
+        self.seed = seed
+        self.env_id = env_id
+        self.env_kwargs = dict(env_kwargs or {})
+        self.deterministic = deterministic
+        self.random_return = random_return
+        self.expert_return = expert_return
+        self.at_end = at_end
+        self.last: dict[str, Any] | None = None
+
+    def _make_env(self, trainer: Trainer) -> gym.Env:
+        if self.env_id is not None:
+            return gym.make(self.env_id, **self.env_kwargs)
+        spec = getattr(trainer.datamodule, "env_spec", None)
+        if spec is None:
+            raise ValueError(
+                "RolloutEvaluation cannot tell which environment to run: the expert dataset "
+                "records none. Pass env_id (e.g. --trainer.callbacks.init_args.env_id Hopper-v5)."
+            )
+        return gym.make(spec, **self.env_kwargs)
+
+    def _references(self, trainer: Trainer) -> tuple[float | None, float | None]:
+        dm_random, dm_expert = getattr(trainer.datamodule, "ref_scores", (None, None))
+        random_return = self.random_return if self.random_return is not None else dm_random
+        expert_return = self.expert_return if self.expert_return is not None else dm_expert
+        return random_return, expert_return
+
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        """Roll out on rank 0 and broadcast, so every rank logs the same numbers."""
+        result = None
+        if trainer.is_global_zero:
+            env = self._make_env(trainer)
+            try:
+                returns = evaluate_policy(
+                    env, lambda obs, rng: pl_module.act(obs, deterministic=self.deterministic),
+                    seeds=list(range(self.seed, self.seed + self.episodes)))
+            finally:
+                env.close()
+            random_return, expert_return = self._references(trainer)
+            mean = float(np.mean(returns))
+            result = {"updates": int(pl_module.updates), "return": mean, "return_std": float(np.std(returns)),
+                      "returns": [float(r) for r in returns], "random_return": random_return,
+                      "expert_return": expert_return,
+                      "normalized_score": normalized_score(mean, random_return, expert_return)}
+        result = trainer.strategy.broadcast(result, src=0)
+        self.last = result
+        return result
+
+    @staticmethod
+    def _metrics(result: dict[str, Any]) -> dict[str, float]:
+        metrics = {"eval/return": result["return"], "eval/return_std": result["return_std"]}
+        if result["normalized_score"] is not None:
+            metrics["eval/normalized_score"] = result["normalized_score"]
+        return metrics
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self.every_n_updates > 0 and pl_module.updates % self.every_n_updates == 0:
+            result = self.evaluate(trainer, pl_module)
+            for name, value in self._metrics(result).items():
+                pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "eval/return")
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.at_end:
+            return
+        if self.last is None or self.last["updates"] != pl_module.updates:
+            self.evaluate(trainer, pl_module)
+            if trainer.logger is not None:
+                trainer.logger.log_metrics(self._metrics(self.last), step=trainer.global_step)
+        if trainer.is_global_zero:
+            print(self.summary(self.last), flush=True)
+            log_dir = trainer.log_dir or trainer.default_root_dir
+            os.makedirs(log_dir, exist_ok=True)
+            with open(os.path.join(log_dir, "rollout_summary.json"), "w") as fh:
+                json.dump(self.last, fh, indent=2)
+
+    def summary(self, result: dict[str, Any]) -> str:
+        def fmt(value: float | None) -> str:
+            return "unknown" if value is None else f"{value:.1f}"
+
+        seeds = f"seeds {self.seed}..{self.seed + self.episodes - 1}"
+        return "\n".join([
+            f"Rollout evaluation after {result['updates']} updates ({self.episodes} episodes, {seeds}):",
+            f"  learned controller return: {result['return']:.1f} ± {result['return_std']:.1f}",
+            f"  expert return:             {fmt(result['expert_return'])}",
+            f"  random return:             {fmt(result['random_return'])}",
+            f"  normalised score:          {fmt(result['normalized_score'])}",
+        ])

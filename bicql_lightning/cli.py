@@ -1,0 +1,34 @@
+"""The ``bicql`` command: LightningCLI for training, plus ``bicql dataset`` for data.
+
+``bicql fit --config configs/quickstart.yaml`` trains; ``bicql fit --print_config``
+shows every hyperparameter; ``bicql dataset --help`` makes Minari datasets from a policy.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from .datamodule import OfflineIRLDataModule
+from .module import BiCQLML
+
+
+class BiCQLCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The model's networks are sized from the data: the data module reads the
+        # datasets' spaces and hands them over once instantiated.
+        parser.link_arguments("data.spaces", "model.spaces", apply_on="instantiate")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "dataset":
+        from .datasets import main as dataset_main
+
+        raise SystemExit(dataset_main(args[1:]))
+    BiCQLCLI(BiCQLML, OfflineIRLDataModule, args=argv, save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Offline and expert transitions from Minari datasets, served as index-sampled tensors.
+
+Per-item ``Dataset``/``DataLoader`` pipelines cost more than a whole BiCQL-ML update, so
+the transitions are held as tensors (on the training device when asked) and each step
+draws random indices with a seeded generator whose state is saved in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+
+from .datasets import DatasetError, Transitions, ensure_quickstart_datasets, load_transitions
+from .spaces import SpaceSpec, space_spec
+
+# Dataset ids the package can make on the spot from a built-in expert, with no download.
+QUICKSTART_ENVS = {"cartpole": "CartPole-v1", "pendulum": "Pendulum-v1"}
+FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
+
+
+class TransitionStore:
+    """Transitions as a dict of equally long tensors, sampled by index."""
+
+    def __init__(self, transitions: Transitions):
+        obs_dtype = torch.long if transitions.observations.dtype.kind in "iu" else torch.float32
+        act_dtype = torch.long if transitions.actions.dtype.kind in "iu" else torch.float32
+        # torch.as_tensor shares memory with the numpy arrays where dtypes agree: no copy.
+        self.tensors: dict[str, Tensor] = {
+            "obs": torch.as_tensor(transitions.observations).to(obs_dtype),
+            "action": torch.as_tensor(transitions.actions).to(act_dtype),
+            "reward": torch.as_tensor(transitions.rewards).to(torch.float32),
+            "next_obs": torch.as_tensor(transitions.next_observations).to(obs_dtype),
+            "terminated": torch.as_tensor(transitions.terminations).to(torch.float32),
+        }
+
+    def __len__(self) -> int:
+        return self.tensors["obs"].shape[0]
+
+    def to(self, device: torch.device) -> TransitionStore:
+        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors["obs"].device
+
+    def take(self, index: Tensor) -> dict[str, Tensor]:
+        return {k: v[index] for k, v in self.tensors.items()}
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+        index = torch.randint(0, len(self), (batch_size,), generator=generator, device=self.device)
+        return self.take(index)
+
+
+class _BatchStream:
+    """An epoch of ``{"offline": batch, "expert": batch}`` dicts, sampled on the fly."""
+
+    def __init__(self, datamodule: OfflineIRLDataModule, length: int):
+        self.datamodule, self.length = datamodule, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        for _ in range(self.length):
+            yield self.datamodule.sample_batch()
+
+
+class OfflineIRLDataModule(LightningDataModule):
+    """Serves offline data D and expert demonstrations D_E from Minari datasets.
+
+    Args:
+        expert_dataset: Minari id(s) of the expert demonstrations D_E. Ids under
+            ``bicql/cartpole/`` and ``bicql/pendulum/`` are made locally from a built-in
+            expert the first time they are asked for (no download).
+        offline_dataset: Minari id(s) of the offline data D; ``None`` uses D_E as D.
+        expert_episodes: keep only the first N expert episodes (``None``: all).
+        offline_episodes: keep only the first N offline episodes (``None``: all).
+        include_expert_in_offline: add the (kept) expert transitions to D.
+        batch_size: offline batch size per step.
+        expert_batch_size: expert batch size per step (``None``: ``batch_size``).
+        batches_per_epoch: training steps per epoch (the data is sampled, not iterated).
+        normalize_observations: standardise Box observations with D's mean and std.
+        data_on_device: keep the tensors on the training device (sampling there too).
+        val_size: expert transitions in the validation batch.
+        seed: seed of the index sampler.
+        download: try to download ids missing locally (Minari's remote datasets).
+    """
+
+    def __init__(
+        self,
+        expert_dataset: str | list[str] = "bicql/cartpole/expert-v0",
+        offline_dataset: str | list[str] | None = "bicql/cartpole/mixed-v0",
+        expert_episodes: int | None = None,
+        offline_episodes: int | None = None,
+        include_expert_in_offline: bool = True,
+        batch_size: int = 256,
+        expert_batch_size: int | None = None,
+        batches_per_epoch: int = 1000,
+        normalize_observations: bool = True,
+        data_on_device: bool = True,
+        val_size: int = 2048,
+        seed: int = 0,
+        download: bool = True,
+    ):
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
+                            ("val_size", val_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if expert_batch_size is not None and expert_batch_size < 1:
+            raise ValueError(f"expert_batch_size must be at least 1, got {expert_batch_size}")
+        self.save_hyperparameters()
+        self._loaded = False
+        self._generator: torch.Generator | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ loading
+    def _ensure_quickstart(self, ids: list[str]) -> None:
+        for dataset_id in ids:
+            parts = dataset_id.split("/")
+            if len(parts) == 3 and parts[0] == "bicql" and parts[1] in QUICKSTART_ENVS:
+                ensure_quickstart_datasets(QUICKSTART_ENVS[parts[1]])
+
+    def load(self) -> None:
+        """Read the datasets (idempotent). Called by ``setup`` and by ``spaces``."""
+        if self._loaded:
+            return
+        hp = self.hparams
+        expert_ids = [hp.expert_dataset] if isinstance(hp.expert_dataset, str) else list(hp.expert_dataset)
+        offline_ids = ([] if hp.offline_dataset is None else
+                       [hp.offline_dataset] if isinstance(hp.offline_dataset, str) else list(hp.offline_dataset))
+        self._ensure_quickstart(expert_ids + offline_ids)
+        self.expert = load_transitions(expert_ids, hp.expert_episodes, download=hp.download)
+        self.offline = (load_transitions(offline_ids, hp.offline_episodes, download=hp.download)
+                        if offline_ids else None)
+        if self.offline is not None:
+            for what in ("observation_space", "action_space"):
+                if getattr(self.offline, what) != getattr(self.expert, what):
+                    raise DatasetError(
+                        f"The offline data {offline_ids} and the expert data {expert_ids} have "
+                        f"different {what.replace('_', ' ')}s: {getattr(self.offline, what)} vs "
+                        f"{getattr(self.expert, what)}. Both must come from the same environment."
+                    )
+        self._spaces: SpaceSpec = space_spec(self.expert.observation_space, self.expert.action_space)
+        self.expert_store = TransitionStore(self.expert)
+        if self.offline is None:
+            self.offline_store = self.expert_store
+        else:
+            self.offline_store = TransitionStore(self.offline)
+            if hp.include_expert_in_offline:
+                self.offline_store.tensors = {k: torch.cat([v, self.expert_store.tensors[k]])
+                                              for k, v in self.offline_store.tensors.items()}
+        self.obs_mean, self.obs_std = self._statistics(self.offline_store.tensors["obs"])
+        self._loaded = True
+
+    def _statistics(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        dim = self.spaces["obs_dim"]
+        if self.spaces["obs_kind"] == "discrete" or not self.hparams.normalize_observations:
+            return torch.zeros(dim), torch.ones(dim)
+        flat = obs.reshape(obs.shape[0], -1).double()
+        std = flat.std(0, unbiased=False)
+        # Constant features would divide by zero; leave them unscaled.
+        std = torch.where(std < 1e-6, torch.ones_like(std), std)
+        return flat.mean(0).float(), std.float()
+
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        ids = [hp.expert_dataset] if isinstance(hp.expert_dataset, str) else list(hp.expert_dataset)
+        if hp.offline_dataset is not None:
+            ids += [hp.offline_dataset] if isinstance(hp.offline_dataset, str) else list(hp.offline_dataset)
+        self._ensure_quickstart(ids)
+
+    def setup(self, stage: str) -> None:
+        self.load()
+        device = torch.device("cpu")
+        if self.hparams.data_on_device and self.trainer is not None:
+            device = self.trainer.strategy.root_device
+        self.expert_store.to(device)
+        if self.offline_store is not self.expert_store:
+            self.offline_store.to(device)
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(self.hparams.seed)
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+
+    # ------------------------------------------------------------------ serving
+    @property
+    def spaces(self) -> SpaceSpec:
+        """The datasets' spaces as plain data; what the model's networks are sized by."""
+        self.load()
+        return self._spaces
+
+    @property
+    def env_spec(self) -> gym.envs.registration.EnvSpec | None:
+        self.load()
+        return self.expert.env_spec
+
+    @property
+    def ref_scores(self) -> tuple[float | None, float | None]:
+        """``(R_random, R_expert)`` from the expert dataset's metadata, where known."""
+        self.load()
+        return self.expert.ref_min_score, self.expert.ref_max_score
+
+    def sample_batch(self) -> dict[str, dict[str, Tensor]]:
+        if self._generator is None:
+            self.setup("fit")
+        hp = self.hparams
+        return {"offline": self.offline_store.sample(hp.batch_size, self._generator),
+                "expert": self.expert_store.sample(hp.expert_batch_size or hp.batch_size, self._generator)}
+
+    def train_dataloader(self):
+        return _BatchStream(self, self.hparams.batches_per_epoch)
+
+    def val_dataloader(self):
+        # A fixed, seeded subset of D_E: the same validation batch every time.
+        n = len(self.expert_store)
+        gen = torch.Generator().manual_seed(self.hparams.seed + 1)
+        index = torch.randperm(n, generator=gen)[: self.hparams.val_size].to(self.expert_store.device)
+        return [{"expert": self.expert_store.take(index)}]
+
+    def proposal_pairs(self, which: str) -> tuple[Tensor, Tensor]:
+        """(observations, actions) the Box proposal is fitted to: ``"expert"`` or ``"offline"``."""
+        store = self.expert_store if which == "expert" else self.offline_store
+        return store.tensors["obs"], store.tensors["action"]
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"obs_mean": self.obs_mean, "obs_std": self.obs_std} if self._loaded else {}
+        if self._generator is not None:
+            state["generator"] = self._generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._generator is None:
+            self._pending_state = state_dict
+        else:
+            self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        if "generator" in state and self._generator is not None:
+            self._generator.set_state(state["generator"])
+        if "obs_mean" in state:
+            self.obs_mean, self.obs_std = state["obs_mean"], state["obs_std"]
+        self._pending_state = None

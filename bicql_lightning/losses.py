@@ -1,0 +1,105 @@
+r"""BiCQL-ML's loss terms as small pure functions of tensors.
+
+Each returns ``(loss, metrics)`` or a tensor; none steps an optimizer or owns a network,
+so each can be checked against hand-computed values and for where its gradients flow.
+Equations follow the paper (arXiv 2511.22210) and ``shared/DESIGN.md``:
+
+* soft value :math:`V(s) = T\log\sum_a \exp(Q(s,a)/T)` (Eq. soft-value),
+* lower level (CQL): :math:`L_Q = \sum_i (Q_i(s,a)-y)^2 + \alpha\sum_i
+  \mathbb E_{(s,a)\sim P}[V_i(s)-Q_i(s,a)]` with
+  :math:`y = r_\theta(s,a) + \gamma(1-\text{terminated})\bar V(s')`,
+* upper level (ML): :math:`L_R = (r_\theta(s,a) - A(s,a,s'))^2` with the soft advantage
+  :math:`A = Q(s,a) - \gamma(1-\text{terminated})V(s')`.
+
+Metrics are returned as detached tensors; the module logs them without host syncs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+Metrics = dict[str, Tensor]
+
+
+def soft_value(q: Tensor, temperature: float) -> Tensor:
+    r"""Exact soft maximum over a discrete action axis (the last one).
+
+    :math:`V(s) = T \log \sum_a \exp(Q(s,a)/T)`; ``(..., A) -> (...)``.
+    """
+    return temperature * torch.logsumexp(q / temperature, dim=-1)
+
+
+def sampled_soft_value(q: Tensor, log_proposal: Tensor, temperature: float) -> Tensor:
+    r"""Importance-sampled soft maximum over continuous actions.
+
+    With :math:`a_j \sim q(\cdot|s)`, :math:`j = 1..M`:
+    :math:`V(s) \approx T\,(\operatorname{logsumexp}_j[Q(s,a_j)/T - \log q(a_j|s)] - \log M)`,
+    unbiased for :math:`\exp(V/T)`. ``q``: ``(..., M)``; ``log_proposal``: broadcastable
+    to it. Returns ``(...)``.
+    """
+    num_samples = q.shape[-1]
+    return temperature * (
+        torch.logsumexp(q / temperature - log_proposal, dim=-1) - math.log(num_samples)
+    )
+
+
+def td_target(reward: Tensor, next_value: Tensor, terminated: Tensor, gamma: float) -> Tensor:
+    r"""Soft Bellman target :math:`y = r + \gamma(1-\text{terminated})\bar V(s')`.
+
+    Only termination stops bootstrapping: a time-limit truncation is not the end of the
+    task, so its transitions bootstrap like any other. All ``(B,)``.
+    """
+    return reward + gamma * (1.0 - terminated.to(reward.dtype)) * next_value
+
+
+def soft_advantage(q_data: Tensor, next_value: Tensor, terminated: Tensor, gamma: float) -> Tensor:
+    r"""The reward's regression target :math:`A = Q(s,a) - \gamma(1-\text{terminated})V(s')`.
+
+    At the upper level's fixed point :math:`r_\theta = A` on expert pairs, i.e. :math:`Q` is
+    the soft-optimal Q of :math:`r_\theta` there. All ``(B,)``.
+    """
+    return q_data - gamma * (1.0 - terminated.to(q_data.dtype)) * next_value
+
+
+def q_loss(q_data: Tensor, target: Tensor) -> tuple[Tensor, Metrics]:
+    r"""TD regression :math:`\sum_i \mathbb E_B[(Q_i(s,a) - y)^2]`.
+
+    ``q_data``: ``(E, B)`` the ensemble's values at data pairs; ``target``: ``(B,)`` (no
+    gradient is taken through it).
+    """
+    error = q_data - target.detach().unsqueeze(0)  # (E, B)
+    loss = error.pow(2).mean(dim=1).sum()
+    return loss, {"q/td_loss": loss.detach(), "q/data": q_data.detach().mean(),
+                  "q/target": target.detach().mean()}
+
+
+def cql_penalty(value: Tensor, q_data: Tensor, alpha: float) -> tuple[Tensor, Metrics]:
+    r"""Conservative term :math:`\alpha\sum_i \mathbb E_{(s,a)\sim P}[V_i(s) - Q_i(s,a)]`.
+
+    ``value`` and ``q_data`` are ``(E, B)`` at the same states ``s``: with ``T`` as the
+    temperature, :math:`(V_i(s) - Q_i(s,a))/T` is the negative log-likelihood of ``a``
+    under the Boltzmann policy of :math:`Q_i`, so on expert pairs the term is the
+    maximum-likelihood objective. Its gradient pushes Q down where the policy puts mass
+    and up at the data's actions.
+    """
+    gap = (value - q_data).mean(dim=1)  # (E,)
+    loss = alpha * gap.sum()
+    return loss, {"cql/loss": loss.detach(), "cql/gap": gap.detach().mean()}
+
+
+def reward_loss(reward: Tensor, target: Tensor) -> tuple[Tensor, Metrics]:
+    r"""Upper-level regression :math:`\mathbb E_B[(r_\theta(s,a) - A)^2]`, target frozen."""
+    loss = (reward - target.detach()).pow(2).mean()
+    return loss, {"reward/loss": loss.detach(), "reward/mean": reward.detach().mean(),
+                  "reward/std": reward.detach().std(unbiased=False),
+                  "reward/target_mean": target.detach().mean()}
+
+
+def expert_nll(value: Tensor, q_data: Tensor, temperature: float) -> Tensor:
+    r"""Mean negative log-likelihood :math:`\mathbb E[(V(s) - Q(s,a))/T]` of data actions
+    under the Boltzmann policy; ``(B,)`` inputs. A validation measure, not a loss."""
+    return ((value - q_data) / temperature).mean()
+

@@ -1,0 +1,366 @@
+r"""BiCQL-ML as a LightningModule: conservative Q-learning and soft-advantage reward
+regression, alternated with manual optimisation.
+
+One ``training_step`` (one *update* in this package's counters):
+
+1. ``q_updates`` times, reward frozen, on the offline batch from :math:`D`:
+   :math:`L_Q = \sum_i (Q_i(s,a) - y)^2 + \alpha\sum_i \mathbb E_P[V_i(s) - Q_i(s,a)]`,
+   :math:`y = r_\theta(s,a) + \gamma(1-\text{terminated})\bar V(s')`;
+2. ``reward_updates`` times, Q frozen, on the expert batch from :math:`D_E`:
+   :math:`L_R = (r_\theta(s,a) - [Q(s,a) - \gamma(1-\text{terminated})V(s')])^2`.
+
+No policy is optimised: acting samples the Boltzmann policy
+:math:`\pi(a|s)\propto\exp(Q(s,a)/T)`. For Box actions the soft value is the
+importance-sampled estimate of :func:`~bicql_lightning.losses.sampled_soft_value` under a
+fixed proposal fitted to data before training.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from . import losses
+from .networks import ActionProposal, ObservationEncoder, QEnsemble
+from .reward import CHECKPOINT_KEY, RewardNet, check_checkpoint_model, read_checkpoint
+from .spaces import SpaceSpec, check_spec
+
+Batch = dict[str, Tensor]
+
+
+def _cat(a: Batch, b: Batch) -> Batch:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+class BiCQLML(LightningModule):
+    """Offline inverse RL by bi-level conservative Q-learning and maximum likelihood.
+
+    Args:
+        spaces: observation/action spaces as a :class:`SpaceSpec` dict. Left ``None``,
+            it is taken from the data module at ``setup`` (the CLI links it).
+        hidden_sizes: hidden widths of each twin Q network.
+        reward_hidden_sizes: hidden widths of the reward network.
+        gamma: discount :math:`\\gamma`.
+        temperature: Boltzmann temperature :math:`T` of the soft value and the policy.
+        alpha: CQL coefficient :math:`\\alpha`.
+        cql_data: pairs the conservative term is taken on: ``"offline"`` (CQL(H) on
+            :math:`D`), ``"expert"`` (the expert likelihood), or ``"both"``. V and Q are
+            always taken at the same states.
+        q_updates: :math:`K_Q`, Q updates per step (on the same offline batch).
+        reward_updates: :math:`K_R`, reward updates per step (on the same expert batch).
+        q_lr: Adam learning rate of the Q networks.
+        reward_lr: Adam learning rate of the reward network.
+        reward_bound: ``b > 0`` bounds the reward as :math:`b\\tanh(r/b)`, pinning the
+            loop's neutral direction; ``0`` leaves it unbounded.
+        reward_on_offline: also regress the reward onto the soft advantage on the offline
+            pairs, so :math:`r_\\theta` is fitted wherever Q-learning bootstraps through it.
+        num_action_samples: ``M``, proposal samples per state for the Box soft value.
+        num_act_candidates: candidates per state when acting with Box actions.
+        proposal_data: data the Box proposal's Gaussian is fitted to, ``"expert"`` or
+            ``"offline"``.
+        proposal_uniform_weight: weight of the uniform component of the Box proposal.
+        proposal_hidden_sizes: hidden widths of the Box proposal.
+        proposal_fit_steps: maximum-likelihood steps fitting the proposal before training.
+        proposal_lr: learning rate of the proposal fit.
+        updates_per_sec_every: updates between two throughput measurements.
+    """
+
+    model_name = "BiCQLML"
+
+    def __init__(
+        self,
+        spaces: dict[str, Any] | None = None,
+        hidden_sizes: list[int] = [256, 256],  # noqa: B006 - jsonargparse needs a literal
+        reward_hidden_sizes: list[int] = [256, 256],  # noqa: B006
+        gamma: float = 0.99,
+        temperature: float = 1.0,
+        alpha: float = 1.0,
+        cql_data: Literal["offline", "expert", "both"] = "both",
+        q_updates: int = 1,
+        reward_updates: int = 1,
+        q_lr: float = 3e-4,
+        reward_lr: float = 3e-4,
+        reward_bound: float = 5.0,
+        reward_on_offline: bool = True,
+        num_action_samples: int = 10,
+        num_act_candidates: int = 64,
+        proposal_data: Literal["expert", "offline"] = "expert",
+        proposal_uniform_weight: float = 0.5,
+        proposal_hidden_sizes: list[int] = [256, 256],  # noqa: B006
+        proposal_fit_steps: int = 2000,
+        proposal_lr: float = 1e-3,
+        updates_per_sec_every: int = 100,
+    ):
+        super().__init__()
+        if cql_data not in ("offline", "expert", "both"):
+            raise ValueError(f"cql_data must be 'offline', 'expert' or 'both', got {cql_data!r}")
+        if proposal_data not in ("expert", "offline"):
+            raise ValueError(f"proposal_data must be 'expert' or 'offline', got {proposal_data!r}")
+        for name, value in (("q_updates", q_updates), ("reward_updates", reward_updates),
+                            ("num_action_samples", num_action_samples),
+                            ("num_act_candidates", num_act_candidates)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.updates = 0  # training steps done; Lightning's global_step counts optimizer steps
+        self._rate_mark: tuple[float, int] | None = None
+        self._rate = torch.tensor(0.0)
+        self.built = False
+        if spaces is not None:
+            self._build(check_spec(dict(spaces)))
+
+    # ------------------------------------------------------------------ construction
+    def _build(self, spaces: SpaceSpec) -> None:
+        hp = self.hparams
+        self.hparams["spaces"] = dict(spaces)
+        self.spaces = spaces
+        self.discrete = spaces["action_kind"] == "discrete"
+        self.encoder = ObservationEncoder(spaces["obs_kind"], spaces["obs_dim"])
+        self.q_net = QEnsemble(spaces, hp.hidden_sizes, ensemble_size=2)
+        self.target_q_net = copy.deepcopy(self.q_net).requires_grad_(False)
+        self.reward_net = RewardNet(spaces, hp.reward_hidden_sizes, hp.reward_bound)
+        self.proposal = (None if self.discrete else
+                         ActionProposal(spaces, hp.proposal_hidden_sizes, hp.proposal_uniform_weight))
+        self.built = True
+
+    def setup(self, stage: str) -> None:
+        if self.built:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is not None and hasattr(datamodule, "spaces") and datamodule.spaces != self.spaces:
+                raise ValueError(
+                    f"The model was built for spaces {self.spaces} but the data module serves "
+                    f"{datamodule.spaces}. Use a dataset of the same environment, or a new model."
+                )
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "spaces"):
+            raise ValueError("BiCQLML(spaces=None) needs an OfflineIRLDataModule to take its spaces from.")
+        self._build(datamodule.spaces)
+
+    def configure_optimizers(self):
+        q_opt = torch.optim.Adam(self.q_net.parameters(), lr=self.hparams.q_lr)
+        r_opt = torch.optim.Adam(self.reward_net.parameters(), lr=self.hparams.reward_lr)
+        return q_opt, r_opt
+
+    def configure_callbacks(self):
+        from .callbacks import TargetNetworkUpdate
+
+        # Without target syncing the TD targets never move: add the default unless the
+        # user configured one.
+        if any(isinstance(cb, TargetNetworkUpdate) for cb in self.trainer.callbacks):
+            return []
+        return [TargetNetworkUpdate()]
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not bool(self.encoder.initialized) and datamodule is not None:
+            mean, std = datamodule.obs_mean, datamodule.obs_std
+            self.encoder.set_statistics(mean, std)
+            self.reward_net.encoder.set_statistics(mean, std)
+        if self.proposal is not None and not bool(self.proposal.fitted):
+            if datamodule is None:
+                raise ValueError("Fitting the Box-action proposal needs the data module's transitions.")
+            obs, actions = datamodule.proposal_pairs(self.hparams.proposal_data)
+            self.fit_proposal(obs, actions)
+
+    def fit_proposal(self, obs: Tensor, actions: Tensor, batch_size: int = 256) -> Tensor:
+        """Fit the proposal's Gaussian by maximum likelihood, then freeze it. Returns the final NLL."""
+        assert self.proposal is not None
+        obs = obs.to(self.device)
+        actions = actions.to(self.device)
+        self.proposal.requires_grad_(True)
+        opt = torch.optim.Adam(self.proposal.parameters(), lr=self.hparams.proposal_lr)
+        nll = torch.tensor(float("nan"))
+        with torch.enable_grad():
+            for _ in range(self.hparams.proposal_fit_steps):
+                idx = torch.randint(0, obs.shape[0], (min(batch_size, obs.shape[0]),), device=obs.device)
+                nll = self.proposal.nll(self.encoder(obs[idx]), actions[idx])
+                opt.zero_grad(set_to_none=True)
+                nll.backward()
+                opt.step()
+        self.proposal.requires_grad_(False)
+        self.proposal.fitted.fill_(True)
+        return nll.detach()
+
+    # ------------------------------------------------------------------ values
+    def _q_and_value(self, net: QEnsemble, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Q at the data actions, soft values and mean Q over all/sampled actions, each ``(E, B)``."""
+        obs = self.encoder(batch["obs"])
+        if self.discrete:
+            q_all = net(obs)  # (E, B, A)
+            index = batch["action"].long().view(1, -1, 1).expand(q_all.shape[0], -1, 1)
+            return (q_all.gather(2, index).squeeze(2), losses.soft_value(q_all, self.hparams.temperature),
+                    q_all.mean(2))
+        samples, log_prop = self.proposal.sample(obs, self.hparams.num_action_samples)  # (B, M, A), (B, M)
+        actions = torch.cat([batch["action"].unsqueeze(1), samples], dim=1)  # (B, 1+M, A)
+        q = net(obs, actions)  # (E, B, 1+M)
+        value = losses.sampled_soft_value(q[..., 1:], log_prop, self.hparams.temperature)
+        return q[..., 0], value, q[..., 1:].mean(2)
+
+    def _min_soft_value(self, net: QEnsemble, obs_raw: Tensor) -> Tensor:
+        """Soft value of the twins' pointwise minimum, ``(B,)``: the pessimistic target."""
+        obs = self.encoder(obs_raw)
+        if self.discrete:
+            return losses.soft_value(net(obs).min(0).values, self.hparams.temperature)
+        samples, log_prop = self.proposal.sample(obs, self.hparams.num_action_samples)
+        q = net(obs, samples).min(0).values  # (B, M)
+        return losses.sampled_soft_value(q, log_prop, self.hparams.temperature)
+
+    def _min_q(self, batch: Batch) -> Tensor:
+        obs = self.encoder(batch["obs"])
+        if self.discrete:
+            q = self.q_net(obs).min(0).values
+            return q.gather(1, batch["action"].long().view(-1, 1)).squeeze(1)
+        return self.q_net(obs, batch["action"]).min(0).values
+
+    # ------------------------------------------------------------------ objectives
+    def q_objective(self, offline: Batch, expert: Batch) -> tuple[Tensor, losses.Metrics]:
+        """Lower level: TD regression under the frozen reward plus the CQL penalty."""
+        hp = self.hparams
+        with torch.no_grad():
+            reward = self.reward_net(offline["obs"], offline["action"])
+            next_value = self._min_soft_value(self.target_q_net, offline["next_obs"])
+            target = losses.td_target(reward, next_value, offline["terminated"], hp.gamma)
+        q_data, value, q_ood = self._q_and_value(self.q_net, offline)
+        td, metrics = losses.q_loss(q_data, target)
+        if hp.cql_data == "offline":
+            cql_value, cql_q, ood = value, q_data, q_ood
+        else:
+            e_q, e_value, e_ood = self._q_and_value(self.q_net, expert)
+            if hp.cql_data == "expert":
+                cql_value, cql_q, ood = e_value, e_q, e_ood
+            else:
+                cql_value = torch.cat([value, e_value], 1)
+                cql_q = torch.cat([q_data, e_q], 1)
+                ood = torch.cat([q_ood, e_ood], 1)
+        cql, cql_metrics = losses.cql_penalty(cql_value, cql_q, hp.alpha)
+        metrics.update(cql_metrics)
+        metrics["cql/q_data"] = cql_q.detach().mean()
+        metrics["cql/q_ood"] = ood.detach().mean()
+        metrics["q/loss"] = (td + cql).detach()
+        return td + cql, metrics
+
+    def reward_objective(self, pairs: Batch) -> tuple[Tensor, losses.Metrics]:
+        """Upper level: regress r_θ onto the soft advantage of the frozen Q."""
+        with torch.no_grad():
+            q_data = self._min_q(pairs)
+            next_value = self._min_soft_value(self.q_net, pairs["next_obs"])
+            target = losses.soft_advantage(q_data, next_value, pairs["terminated"], self.hparams.gamma)
+        reward = self.reward_net(pairs["obs"], pairs["action"])
+        return losses.reward_loss(reward, target)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Batch], batch_idx: int) -> None:
+        offline, expert = batch["offline"], batch["expert"]
+        q_opt, r_opt = self.optimizers()
+        metrics: losses.Metrics = {}
+
+        for _ in range(self.hparams.q_updates):
+            self.toggle_optimizer(q_opt)
+            loss, q_metrics = self.q_objective(offline, expert)
+            q_opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            q_opt.step()
+            self.untoggle_optimizer(q_opt)
+        metrics.update(q_metrics)
+
+        pairs = _cat(expert, offline) if self.hparams.reward_on_offline else expert
+        for _ in range(self.hparams.reward_updates):
+            self.toggle_optimizer(r_opt)
+            loss, r_metrics = self.reward_objective(pairs)
+            r_opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            r_opt.step()
+            self.untoggle_optimizer(r_opt)
+        metrics.update(r_metrics)
+
+        self.updates += 1
+        metrics["train/updates_per_sec"] = self._updates_per_sec()
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+        self.log("updates", float(self.updates), on_step=True, on_epoch=False, prog_bar=False)
+
+    def _updates_per_sec(self) -> Tensor:
+        now = time.perf_counter()
+        if self._rate_mark is None:
+            self._rate_mark = (now, self.updates)
+        elif self.updates - self._rate_mark[1] >= self.hparams.updates_per_sec_every:
+            t0, u0 = self._rate_mark
+            self._rate = torch.tensor((self.updates - u0) / max(now - t0, 1e-9))
+            self._rate_mark = (now, self.updates)
+        return self._rate
+
+    def validation_step(self, batch: dict[str, Batch], batch_idx: int) -> None:
+        expert = batch["expert"]
+        obs = self.encoder(expert["obs"])
+        q_data = self._min_q(expert)
+        if self.discrete:
+            q_all = self.q_net(obs).min(0).values
+            value = losses.soft_value(q_all, self.hparams.temperature)
+            accuracy = (q_all.argmax(1) == expert["action"].long()).float().mean()
+            self.log("val/expert_action_accuracy", accuracy)
+        else:
+            value = self._min_soft_value(self.q_net, expert["obs"])
+        self.log("val/expert_nll", losses.expert_nll(value, q_data, self.hparams.temperature), prog_bar=True)
+        self.log("val/reward_mean", self.reward_net(expert["obs"], expert["action"]).mean())
+
+    # ------------------------------------------------------------------ acting
+    @torch.no_grad()
+    def act(self, obs: np.ndarray | Tensor, deterministic: bool = True) -> np.ndarray:
+        """Action(s) of the Boltzmann policy :math:`\\pi(a|s)\\propto\\exp(Q(s,a)/T)` for raw observations.
+
+        ``deterministic`` takes the argmax (Discrete) or the best of the proposal's
+        candidates (Box); otherwise actions are sampled, for Box by importance
+        resampling of the candidates with weights :math:`\\exp(Q/T)/q`.
+        """
+        single_dims = 0 if self.spaces["obs_kind"] == "discrete" else 1
+        obs_t = torch.as_tensor(np.asarray(obs) if not isinstance(obs, Tensor) else obs, device=self.device)
+        single = obs_t.dim() == single_dims
+        if single:
+            obs_t = obs_t.unsqueeze(0)
+        enc = self.encoder(obs_t)
+        temperature = self.hparams.temperature
+        if self.discrete:
+            q = self.q_net(enc).min(0).values  # (B, A)
+            action = q.argmax(1) if deterministic else torch.distributions.Categorical(logits=q / temperature).sample()
+        else:
+            cands, log_prop = self.proposal.sample(enc, self.hparams.num_act_candidates)  # (B, M, A)
+            mode = self.proposal.mode(enc).unsqueeze(1)  # (B, 1, A)
+            cands = torch.cat([mode, cands], 1)
+            log_prop = torch.cat([self.proposal.log_prob(enc, mode), log_prop], 1)
+            q = self.q_net(enc, cands).min(0).values  # (B, 1+M)
+            logits = q if deterministic else q / temperature - log_prop
+            pick = logits.argmax(1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
+            action = cands[torch.arange(cands.shape[0], device=cands.device), pick]
+        out = action.cpu().numpy()
+        return out[0] if single else out
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "model": self.model_name,
+            "updates": self.updates,
+            "reward_net": {"spaces": dict(self.spaces), "hidden_sizes": list(self.hparams.reward_hidden_sizes),
+                           "reward_bound": float(self.hparams.reward_bound)},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_model(checkpoint, self.model_name)
+        self.updates = int(checkpoint[CHECKPOINT_KEY]["updates"])
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):  # type: ignore[override]
+        """Lightning's loader, after checking the file holds this model (one clear error if not)."""
+        if isinstance(checkpoint_path, (str, bytes)) or hasattr(checkpoint_path, "__fspath__"):
+            read_checkpoint(checkpoint_path, cls.model_name)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)

@@ -1,0 +1,217 @@
+"""Networks: the twin Q ensemble, the observation encoder and the Box-action proposal.
+
+The twin Q functions are one ensemble with stacked weights, so both twins cost one
+batched matmul per layer. For Box actions the first layer is split into a state part
+and an action part: the state part is computed once per state and broadcast over the
+M sampled actions, which is most of the work of a soft-value estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .spaces import SpaceSpec
+
+# Keeps atanh finite for actions on the box's faces.
+_EDGE = 1e-6
+
+
+class EnsembleLinear(nn.Module):
+    """``E`` independent linear layers applied as one batched matmul.
+
+    Input ``(N, in)`` (shared by all members) or ``(E, N, in)``; output ``(E, N, out)``.
+    """
+
+    def __init__(self, ensemble_size: int, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features)) if bias else None
+        # Same initialisation as nn.Linear, member by member.
+        bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.matmul(x, self.weight)  # (E, N, out), broadcasting a shared input
+        return out if self.bias is None else out + self.bias
+
+
+class ObservationEncoder(nn.Module):
+    """Raw observations to network inputs: standardised Box or one-hot Discrete.
+
+    The statistics are buffers, so they travel with every checkpoint and every copy of
+    a network that owns an encoder (the reward network carries its own).
+    """
+
+    def __init__(self, obs_kind: str, obs_dim: int):
+        super().__init__()
+        self.obs_kind = obs_kind
+        self.obs_dim = obs_dim
+        self.register_buffer("mean", torch.zeros(obs_dim))
+        self.register_buffer("std", torch.ones(obs_dim))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def set_statistics(self, mean: Tensor, std: Tensor) -> None:
+        self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype).reshape(self.obs_dim))
+        self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).reshape(self.obs_dim))
+        self.initialized.fill_(True)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        if self.obs_kind == "discrete":
+            return nn.functional.one_hot(obs.long().reshape(-1), self.obs_dim).to(self.mean.dtype)
+        obs = obs.reshape(obs.shape[0], -1).to(self.mean.dtype)
+        return (obs - self.mean) / self.std
+
+
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ReLU()]
+        in_dim = width
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class QEnsemble(nn.Module):
+    """Twin (or ``E``-member) soft Q functions over encoded observations.
+
+    Discrete actions: ``forward(obs) -> (E, B, A)``.
+    Box actions: ``forward(obs, actions)`` with actions ``(B, A)`` gives ``(E, B)`` and
+    with ``(B, M, A)`` gives ``(E, B, M)``. Actions are given in the environment's
+    units and scaled to ``[-1, 1]`` inside.
+    """
+
+    def __init__(self, spec: SpaceSpec, hidden_sizes: Sequence[int], ensemble_size: int = 2):
+        super().__init__()
+        if not hidden_sizes:
+            raise ValueError("hidden_sizes must name at least one hidden layer")
+        self.discrete = spec["action_kind"] == "discrete"
+        obs_dim, act_dim = spec["obs_dim"], spec["action_dim"]
+        hidden = list(hidden_sizes)
+        first = hidden[0]
+        self.state_in = EnsembleLinear(ensemble_size, obs_dim, first)
+        if not self.discrete:
+            self.action_in = EnsembleLinear(ensemble_size, act_dim, first, bias=False)
+            low = torch.tensor(spec["action_low"], dtype=torch.float32)
+            high = torch.tensor(spec["action_high"], dtype=torch.float32)
+            self.register_buffer("action_center", (high + low) / 2)
+            self.register_buffer("action_half", (high - low) / 2)
+        body: list[nn.Module] = [nn.ReLU()]
+        for width_in, width_out in zip(hidden[:-1], hidden[1:]):
+            body += [EnsembleLinear(ensemble_size, width_in, width_out), nn.ReLU()]
+        body.append(EnsembleLinear(ensemble_size, hidden[-1], act_dim if self.discrete else 1))
+        self.body = nn.Sequential(*body)
+        self.ensemble_size = ensemble_size
+
+    def forward(self, obs: Tensor, actions: Tensor | None = None) -> Tensor:
+        h = self.state_in(obs)  # (E, B, H): once per state
+        if self.discrete:
+            return self.body(h)  # (E, B, A)
+        if actions is None:
+            raise ValueError("Box-action Q networks need actions")
+        single = actions.dim() == 2
+        acts = actions.unsqueeze(1) if single else actions  # (B, M, A)
+        B, M, _ = acts.shape
+        acts = (acts - self.action_center) / self.action_half
+        ha = self.action_in(acts.reshape(B * M, -1)).reshape(self.ensemble_size, B, M, -1)
+        h = (h.unsqueeze(2) + ha).reshape(self.ensemble_size, B * M, -1)  # (E, B*M, H)
+        q = self.body(h).reshape(self.ensemble_size, B, M)
+        return q[..., 0] if single else q
+
+
+class ActionProposal(nn.Module):
+    r"""Fixed proposal :math:`q(a|s)` for the sampled soft value of Box actions.
+
+    A mixture of the uniform density on the action box (weight ``uniform_weight``)
+    and a tanh-squashed Gaussian :math:`a = c + h\tanh(u)`, :math:`u\sim\mathcal N(\mu(s),
+    \sigma(s)^2)`, fitted by maximum likelihood to data before training and frozen
+    afterwards (EMaQ's idea: no policy is optimised). Densities are with respect to
+    Lebesgue measure in the environment's action units, so the soft value does not
+    depend on how the box is scaled.
+    """
+
+    def __init__(self, spec: SpaceSpec, hidden_sizes: Sequence[int] = (256, 256),
+                 uniform_weight: float = 0.5):
+        super().__init__()
+        if not 0.0 <= uniform_weight <= 1.0:
+            raise ValueError(f"proposal uniform_weight must be in [0, 1], got {uniform_weight}")
+        self.act_dim = spec["action_dim"]
+        self.uniform_weight = uniform_weight
+        self.net = mlp(spec["obs_dim"], hidden_sizes, 2 * self.act_dim)
+        low = torch.tensor(spec["action_low"], dtype=torch.float32)
+        high = torch.tensor(spec["action_high"], dtype=torch.float32)
+        self.register_buffer("action_center", (high + low) / 2)
+        self.register_buffer("action_half", (high - low) / 2)
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def _gaussian(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mu, log_std = self.net(obs).chunk(2, dim=-1)
+        return mu, log_std.clamp(-5.0, 2.0)  # (B, A) each
+
+    def _log_prob_squashed(self, mu: Tensor, log_std: Tensor, unit: Tensor) -> Tensor:
+        """log density of the squashed Gaussian at ``unit`` = actions in [-1, 1], (B, M, A)."""
+        unit = unit.clamp(-1 + _EDGE, 1 - _EDGE)
+        u = torch.atanh(unit)
+        z = (u - mu.unsqueeze(1)) / log_std.exp().unsqueeze(1)
+        log_normal = -0.5 * z.pow(2) - log_std.unsqueeze(1) - 0.5 * math.log(2 * math.pi)
+        log_jacobian = torch.log1p(-unit.pow(2)) + torch.log(self.action_half)
+        return (log_normal - log_jacobian).sum(-1)  # (B, M)
+
+    def log_prob(self, obs: Tensor, actions: Tensor) -> Tensor:
+        """Mixture log density; obs ``(B, D)`` encoded, actions ``(B, M, A)`` -> ``(B, M)``."""
+        unit = (actions - self.action_center) / self.action_half
+        mu, log_std = self._gaussian(obs)
+        log_squashed = self._log_prob_squashed(mu, log_std, unit)
+        log_uniform = -torch.log(2 * self.action_half).sum()
+        w = self.uniform_weight
+        if w <= 0.0:
+            return log_squashed
+        if w >= 1.0:
+            return log_uniform.expand_as(log_squashed)
+        return torch.logaddexp(math.log(w) + log_uniform, math.log1p(-w) + log_squashed)
+
+    @torch.no_grad()
+    def sample(self, obs: Tensor, num_samples: int) -> tuple[Tensor, Tensor]:
+        """Draw ``M`` actions per state: ``(B, M, A)`` actions and ``(B, M)`` log densities."""
+        mu, log_std = self._gaussian(obs)
+        B = obs.shape[0]
+        noise = torch.randn(B, num_samples, self.act_dim, device=obs.device, dtype=mu.dtype)
+        squashed = torch.tanh(mu.unsqueeze(1) + log_std.exp().unsqueeze(1) * noise)
+        uniform = torch.rand_like(squashed) * 2 - 1
+        pick_uniform = torch.rand(B, num_samples, 1, device=obs.device) < self.uniform_weight
+        unit = torch.where(pick_uniform, uniform, squashed)
+        actions = self.action_center + self.action_half * unit
+        return actions, self.log_prob(obs, actions)
+
+    @torch.no_grad()
+    def mode(self, obs: Tensor) -> Tensor:
+        """The squashed Gaussian's centre ``(B, A)``: always one of the acting candidates."""
+        mu, _ = self._gaussian(obs)
+        return self.action_center + self.action_half * torch.tanh(mu)
+
+    def nll(self, obs: Tensor, actions: Tensor) -> Tensor:
+        """Mean negative log-likelihood of data actions under the squashed Gaussian alone."""
+        unit = (actions - self.action_center) / self.action_half
+        mu, log_std = self._gaussian(obs)
+        return -self._log_prob_squashed(mu, log_std, unit.unsqueeze(1)).mean()
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    r"""Move the target network toward the online one: :math:`\bar\phi \leftarrow (1-\tau)\bar\phi + \tau\phi`.
+
+    ``tau = 1`` is a hard copy. Buffers are copied outright.
+    """
+    target_params = list(target.parameters())
+    online_params = list(online.parameters())
+    if tau >= 1.0:
+        torch._foreach_copy_(target_params, online_params)
+    else:
+        torch._foreach_lerp_(target_params, online_params, tau)
+    for t_buf, o_buf in zip(target.buffers(), online.buffers()):
+        t_buf.copy_(o_buf)

@@ -1,0 +1,157 @@
+"""The learned reward r_θ(s, a) as a reusable network, and a Gymnasium wrapper for it.
+
+``RewardNet`` owns its observation normalisation, so a copy taken out of a checkpoint
+(``RewardNet.from_checkpoint(path)``) scores raw environment observations on its own,
+with no data module or Lightning module around it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .networks import ObservationEncoder, mlp
+from .spaces import SpaceSpec, check_spec
+
+CHECKPOINT_KEY = "bicql_lightning"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or of another model."""
+
+
+def read_checkpoint(path: str | os.PathLike, expected_model: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint file and check that it was written by a bicql-lightning module."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Checkpoint {os.fspath(path)!r} does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise CheckpointError(f"Cannot read checkpoint {os.fspath(path)!r}: {err}") from err
+    check_checkpoint_model(checkpoint, expected_model, os.fspath(path))
+    return checkpoint
+
+
+def check_checkpoint_model(checkpoint: dict, expected_model: str | None, where: str = "checkpoint") -> None:
+    info = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    found = info.get("model") if isinstance(info, dict) else None
+    if found is None:
+        raise CheckpointError(
+            f"{where} was not written by a bicql-lightning model (it has no "
+            f"'{CHECKPOINT_KEY}' entry). Pass a checkpoint saved by training BiCQLML or one "
+            "of the baselines of this package."
+        )
+    if expected_model is not None and found != expected_model:
+        raise CheckpointError(
+            f"{where} holds a {found} model, not a {expected_model}. Load it with "
+            f"{found}.load_from_checkpoint, or pass a {expected_model} checkpoint."
+        )
+
+
+class RewardNet(nn.Module):
+    r"""Learned reward :math:`r_\theta(s, a)`.
+
+    ``forward(state, action, next_state=None, done=None) -> (B,)`` (the signature of
+    imitation's ``RewardNet``; this reward depends on ``(s, a)`` only), ``predict`` the
+    same on numpy arrays. With ``reward_bound > 0`` the output is
+    :math:`b\tanh(\text{raw}/b)`: bounding the reward pins the neutral direction
+    :math:`(Q + c, r + (1-\gamma)c)` of the bi-level loop, along which Q and r could
+    otherwise drift together without limit.
+    """
+
+    def __init__(self, spaces: SpaceSpec, hidden_sizes: Sequence[int] = (256, 256),
+                 reward_bound: float = 0.0):
+        super().__init__()
+        self.spaces = check_spec(dict(spaces))
+        self.discrete = self.spaces["action_kind"] == "discrete"
+        self.reward_bound = float(reward_bound)
+        self.hidden_sizes = list(hidden_sizes)
+        self.encoder = ObservationEncoder(self.spaces["obs_kind"], self.spaces["obs_dim"])
+        obs_dim, act_dim = self.spaces["obs_dim"], self.spaces["action_dim"]
+        if self.discrete:
+            self.net = mlp(obs_dim, hidden_sizes, act_dim)
+        else:
+            self.net = mlp(obs_dim + act_dim, hidden_sizes, 1)
+            low = torch.tensor(self.spaces["action_low"], dtype=torch.float32)
+            high = torch.tensor(self.spaces["action_high"], dtype=torch.float32)
+            self.register_buffer("action_center", (high + low) / 2)
+            self.register_buffer("action_half", (high - low) / 2)
+
+    def _bound(self, raw: Tensor) -> Tensor:
+        if self.reward_bound > 0:
+            return self.reward_bound * torch.tanh(raw / self.reward_bound)
+        return raw
+
+    def reward_table(self, state: Tensor) -> Tensor:
+        """Rewards of every action, ``(B, A)``; Discrete action spaces only."""
+        if not self.discrete:
+            raise ValueError("reward_table needs a Discrete action space")
+        return self._bound(self.net(self.encoder(state)))
+
+    def forward(self, state: Tensor, action: Tensor, next_state: Tensor | None = None,
+                done: Tensor | None = None) -> Tensor:
+        if self.discrete:
+            table = self.reward_table(state)  # (B, A)
+            return table.gather(1, action.long().reshape(-1, 1)).squeeze(1)
+        unit = (action.reshape(action.shape[0], -1).to(self.action_half.dtype)
+                - self.action_center) / self.action_half
+        return self._bound(self.net(torch.cat([self.encoder(state), unit], dim=-1)).squeeze(-1))
+
+    @torch.no_grad()
+    def predict(self, state: np.ndarray, action: np.ndarray, next_state: np.ndarray | None = None,
+                done: np.ndarray | None = None) -> np.ndarray:
+        """``forward`` on numpy arrays (batched, or one transition), returning numpy."""
+        device = next(self.parameters()).device
+        state_t = torch.as_tensor(np.asarray(state), device=device)
+        action_t = torch.as_tensor(np.asarray(action), device=device)
+        single = state_t.dim() == (0 if self.spaces["obs_kind"] == "discrete" else 1)
+        if single:
+            state_t, action_t = state_t.unsqueeze(0), action_t.reshape(1, -1)
+        out = self(state_t, action_t).cpu().numpy()
+        return out[0] if single else out
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, attribute: str = "reward_net") -> RewardNet:
+        """The reward network of a checkpoint written by ``BiCQLML`` (or ``IQLearn``), in one call."""
+        checkpoint = read_checkpoint(path)
+        info = checkpoint[CHECKPOINT_KEY]
+        if "reward_net" not in info:
+            raise CheckpointError(
+                f"Checkpoint {os.fspath(path)!r} holds a {info['model']} model, which learns "
+                "no reward network. Pass a BiCQLML checkpoint."
+            )
+        net = cls(**info["reward_net"])
+        prefix = attribute + "."
+        state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        net.load_state_dict(state)
+        return net.eval()
+
+
+class LearnedRewardWrapper(gym.Wrapper):
+    """Replace an environment's reward with a learned one.
+
+    The environment's own reward is kept in ``info["true_reward"]``.
+    """
+
+    def __init__(self, env: gym.Env, reward_net: RewardNet):
+        super().__init__(env)
+        self.reward_net = reward_net.eval()
+        self._last_obs: Any = None
+
+    def reset(self, **kwargs: Any):
+        obs, info = self.env.reset(**kwargs)
+        self._last_obs = obs
+        return obs, info
+
+    def step(self, action: Any):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        learned = float(self.reward_net.predict(self._last_obs, np.asarray(action)))
+        info = dict(info, true_reward=reward)
+        self._last_obs = obs
+        return obs, learned, terminated, truncated, info

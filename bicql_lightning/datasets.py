@@ -24,7 +24,7 @@ from minari.namespace import create_namespace, list_local_namespaces
 from minari.storage.datasets_root_dir import get_dataset_path
 from tqdm.auto import tqdm
 
-from .experts import BUILTIN_EXPERTS, MLPExpert, Policy, epsilon_random, random_policy
+from .experts import BUILTIN_EXPERTS, MLPExpert, Policy, RolloutError, epsilon_random, random_policy, rollout
 
 EnvLike = Union[str, gym.Env]
 REF_EVAL_SEEDS = tuple(range(10000, 10010))
@@ -32,11 +32,6 @@ REF_EVAL_SEEDS = tuple(range(10000, 10010))
 
 class DatasetError(ValueError):
     """A user-facing problem with a dataset (missing, malformed, inconsistent)."""
-
-
-def minari_root() -> Path:
-    """Local Minari root; read per call because MINARI_DATASETS_PATH may change."""
-    return get_dataset_path()
 
 
 def _check_id(dataset_id: str) -> Optional[str]:
@@ -57,60 +52,14 @@ def _make_env(env: EnvLike, env_kwargs: Optional[dict], max_episode_steps: Optio
     return gym.make(env, **extra, **(env_kwargs or {})), True
 
 
-def _check_action(action: Any, space: gym.Space, where: str) -> Any:
-    """Coerce a policy output to the space's type or explain precisely why not."""
-    if isinstance(space, gym.spaces.Discrete):
-        a = np.asarray(action)
-        if a.size != 1 or not np.isfinite(a).all() or float(a.reshape(())) != int(a.reshape(())):
-            raise DatasetError(f"{where}: policy returned {action!r}, expected one integer for {space}")
-        value = int(a.reshape(()))
-        if not space.start <= value < space.start + space.n:
-            raise DatasetError(f"{where}: action {value} is outside {space}")
-        return value
-    if isinstance(space, gym.spaces.Box):
-        a = np.asarray(action, dtype=np.float64)
-        if a.shape != space.shape:
-            raise DatasetError(f"{where}: policy returned an action of shape {a.shape}, expected {space.shape} ({space})")
-        if not np.isfinite(a).all():
-            raise DatasetError(f"{where}: policy returned a non-finite action {a.tolist()}")
-        if (a < space.low).any() or (a > space.high).any():
-            raise DatasetError(f"{where}: action {a.tolist()} is outside the bounds of {space}")
-        return a.astype(space.dtype)
-    if not space.contains(action):
-        raise DatasetError(f"{where}: action {action!r} is not in {space}")
-    return action
-
-
-def _rollout(env: gym.Env, policy: Policy, seed: int, where: str) -> Dict[str, Any]:
-    """One validated episode; the policy rng is seeded like the env for determinism."""
-    rng = np.random.default_rng(seed)
-    obs, _ = env.reset(seed=int(seed))
-    observations, actions, rewards, terms, truncs = [obs], [], [], [], []
-    done = False
-    while not done:
-        step = f"{where} step {len(actions)}"
-        if not np.isfinite(np.asarray(obs, dtype=np.float64)).all():
-            raise DatasetError(f"{step}: the environment returned a non-finite observation {obs!r}")
-        action = _check_action(policy(obs, rng), env.action_space, step)
-        obs, reward, terminated, truncated, _ = env.step(action)
-        observations.append(obs)
-        actions.append(action)
-        rewards.append(float(reward))
-        terms.append(bool(terminated))
-        truncs.append(bool(truncated))
-        done = terminated or truncated
-    if not np.isfinite(np.asarray(obs, dtype=np.float64)).all():
-        raise DatasetError(f"{where}: the final observation is non-finite {obs!r}")
-    return dict(observations=np.stack([np.asarray(o) for o in observations]), actions=np.stack([np.asarray(a) for a in actions]),
-                rewards=rewards, terminations=terms, truncations=truncs)
-
-
 def evaluate_policy(env: EnvLike, policy: Policy, seeds: Sequence[int], env_kwargs: Optional[dict] = None,
                     max_episode_steps: Optional[int] = None) -> np.ndarray:
     """Undiscounted return of one episode per seed (env and policy rng both seeded)."""
     gym_env, owned = _make_env(env, env_kwargs, max_episode_steps)
     try:
-        return np.array([sum(_rollout(gym_env, policy, s, f"seed {s}")["rewards"]) for s in seeds], dtype=np.float64)
+        return np.array([sum(rollout(gym_env, policy, s, f"seed {s}")["rewards"]) for s in seeds], dtype=np.float64)
+    except RolloutError as e:
+        raise DatasetError(str(e)) from None
     finally:
         if owned:
             gym_env.close()
@@ -162,12 +111,15 @@ def collect_dataset(dataset_id: str, env: EnvLike, policy: Union[Policy, Sequenc
     try:
         buffers = []
         for k in tqdm(range(num_episodes), desc=f"collect {dataset_id}", disable=not progress, unit="ep"):
-            ep = _rollout(gym_env, policies[k], seeds[k], f"episode {k} (seed {seeds[k]})")
+            try:
+                ep = rollout(gym_env, policies[k], seeds[k], f"episode {k} (seed {seeds[k]})")
+            except RolloutError as e:
+                raise DatasetError(f"cannot collect {dataset_id!r}: {e}") from None
             buffers.append(EpisodeBuffer(id=k, seed=seeds[k], infos={}, **ep))
         if ref_max_score is not None and ref_min_score is None:
             # Minari would otherwise roll out 100 random episodes with an unseeded policy.
             ref_min_score = float(evaluate_policy(gym_env, random_policy(gym_env.action_space), REF_EVAL_SEEDS).mean())
-        root = minari_root()
+        root = get_dataset_path()
         staging = root / f".bicql-staging-{uuid.uuid4().hex}"
         try:
             with _minari_root_override(staging), warnings.catch_warnings():
@@ -204,11 +156,9 @@ def _probe_remote(timeout: float = 5.0) -> None:
     """Fail fast offline: minari's hub client retries for ~25 s before giving up."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return  # a direct connection test says nothing behind a proxy
-    remote = os.environ.get("MINARI_REMOTE", "hf://farama-minari")
-    if remote.startswith("gcp://"):
-        host = "storage.googleapis.com"
-    else:
-        host = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").split("://")[-1].split("/")[0]
+    gcp = os.environ.get("MINARI_REMOTE", "hf://").startswith("gcp://")
+    url = "https://storage.googleapis.com" if gcp else os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = url.split("://")[-1].split("/")[0]
     try:
         socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
     except OSError as e:
@@ -233,7 +183,7 @@ def load_minari(dataset_id: str, download: bool = True) -> minari.MinariDataset:
         except Exception as e:
             reason = f"download failed: {type(e).__name__}: {e}"
     raise DatasetError(
-        f"Minari dataset {dataset_id!r} is not in the local Minari root {minari_root()} "
+        f"Minari dataset {dataset_id!r} is not in the local Minari root {get_dataset_path()} "
         f"(set MINARI_DATASETS_PATH to change it) and could not be fetched ({reason}). "
         f"Check the dataset id, connect to the network, or create a local dataset with "
         f"`bicql dataset --env ENV --dataset-id {dataset_id} ...` or bicql_lightning.datasets.collect_dataset().")
@@ -340,17 +290,19 @@ def load_transitions(dataset_ids: Union[str, Sequence[str]], num_episodes: Optio
                        ref_max_score=None if ref_max is None else float(ref_max))
 
 
-def _quickstart_valid(dataset_id: str, episodes: int) -> bool:
-    if not (get_dataset_path(dataset_id) / "data").is_dir():
+def _quickstart_present(dataset_id: str, episodes: int) -> bool:
+    """True if a valid quickstart dataset exists; anything else under the id is never touched."""
+    path = get_dataset_path(dataset_id)
+    if not (path / "data").is_dir():
         return False
     try:
         meta = minari.load_dataset(dataset_id).storage.metadata
+        reason = "" if meta.get("total_episodes") == episodes and "ref_max_score" in meta else "unexpected content"
     except Exception as e:
-        raise DatasetError(f"quickstart dataset {dataset_id!r} at {get_dataset_path(dataset_id)} is unreadable "
-                           f"({e}); delete it to let bicql recreate it") from e
-    if meta.get("total_episodes") != episodes or meta.get("ref_max_score") is None:
-        raise DatasetError(f"{dataset_id!r} at {get_dataset_path(dataset_id)} exists but is not a bicql quickstart "
-                           f"dataset ({episodes} episodes with reference scores); delete or move it")
+        reason = f"unreadable: {e}"
+    if reason:
+        raise DatasetError(f"{dataset_id!r} at {path} is not a bicql quickstart dataset ({episodes} episodes with "
+                           f"reference scores; {reason}); delete or move it so it can be recreated")
     return True
 
 
@@ -365,9 +317,9 @@ def ensure_quickstart_datasets(env_id: str = "CartPole-v1", progress: bool = Fal
     name = env_id.split("-v")[0].lower()
     ids = {"expert": f"bicql/{name}/expert-v0", "offline": f"bicql/{name}/mixed-v0"}
     expert = BUILTIN_EXPERTS[env_id]
-    with FileLock(str(minari_root() / f".bicql-quickstart-{name}.lock")):
-        need_expert = not _quickstart_valid(ids["expert"], 10)
-        need_mixed = not _quickstart_valid(ids["offline"], 50)
+    with FileLock(str(get_dataset_path() / f".bicql-quickstart-{name}.lock")):
+        need_expert = not _quickstart_present(ids["expert"], 10)
+        need_mixed = not _quickstart_present(ids["offline"], 50)
         if need_expert or need_mixed:
             env = gym.make(env_id)
             refs = dict(ref_max_score=float(evaluate_policy(env, expert, REF_EVAL_SEEDS).mean()),
@@ -417,7 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ds = collect_dataset(a.dataset_id, a.env, policy, a.episodes, seed=a.seed, max_episode_steps=a.max_episode_steps,
                              ref_min_score=a.ref_min_score, ref_max_score=a.ref_max_score, overwrite=a.overwrite,
                              progress=not a.no_progress)
-    except (DatasetError, OSError) as e:
+    except (ValueError, OSError, gym.error.Error) as e:  # DatasetError, bad --epsilon, unknown env, missing file
         print(f"error: {e}", file=sys.stderr)
         return 1
     returns = [float(np.sum(ep.rewards)) for ep in ds.iterate_episodes()]

@@ -23,6 +23,9 @@ __all__ = [
     "BUILTIN_EXPERTS",
     "MLPExpert",
     "Policy",
+    "RolloutError",
+    "check_action",
+    "rollout",
     "cartpole_expert",
     "epsilon_random",
     "pendulum_expert",
@@ -197,6 +200,66 @@ def epsilon_random(policy: Policy, epsilon: float, action_space: gym.Space) -> P
         return policy(obs, rng)
 
     return wrapped
+
+
+class RolloutError(ValueError):
+    """A policy produced an action its environment cannot take, or the env misbehaved."""
+
+
+def check_action(action: Any, space: gym.Space, where: str = "") -> Any:
+    """Coerce a policy output to ``space``'s type, or explain precisely why it cannot be.
+
+    Bounds are checked rather than clipped: silently clipping would store
+    actions the policy never chose.
+    """
+    if isinstance(space, gym.spaces.Discrete):
+        a = np.asarray(action)
+        if a.size != 1 or not np.isfinite(a).all() or float(a.reshape(())) != int(a.reshape(())):
+            raise RolloutError(f"{where}: policy returned {action!r}, expected one integer for {space}")
+        value = int(a.reshape(()))
+        if not space.start <= value < space.start + space.n:
+            raise RolloutError(f"{where}: action {value} is outside {space}")
+        return value
+    if isinstance(space, gym.spaces.Box):
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape != space.shape:
+            raise RolloutError(f"{where}: policy returned an action of shape {a.shape}, expected {space.shape} ({space})")
+        if not np.isfinite(a).all():
+            raise RolloutError(f"{where}: policy returned a non-finite action {a.tolist()}")
+        if (a < space.low).any() or (a > space.high).any():
+            raise RolloutError(f"{where}: action {a.tolist()} is outside the bounds of {space}")
+        return a.astype(space.dtype)
+    if not space.contains(action):
+        raise RolloutError(f"{where}: action {action!r} is not in {space}")
+    return action
+
+
+def rollout(env: gym.Env, policy: Policy, seed: int, where: str = "episode") -> Dict[str, Any]:
+    """Run one validated episode with env and policy rng both seeded by ``seed``.
+
+    Returns ``observations`` (T+1 stacked), ``actions`` (T stacked) and the lists
+    ``rewards``, ``terminations``, ``truncations``.
+    """
+    rng = np.random.default_rng(seed)
+    obs, _ = env.reset(seed=int(seed))
+    observations, actions, rewards, terms, truncs = [np.asarray(obs)], [], [], [], []
+    done = False
+    while not done:
+        step = f"{where} step {len(actions)}"
+        if not np.isfinite(observations[-1].astype(np.float64)).all():
+            raise RolloutError(f"{step}: the environment returned a non-finite observation {obs!r}")
+        action = check_action(policy(obs, rng), env.action_space, step)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        observations.append(np.asarray(obs))
+        actions.append(np.asarray(action))
+        rewards.append(float(reward))
+        terms.append(bool(terminated))
+        truncs.append(bool(truncated))
+        done = terminated or truncated
+    if not np.isfinite(observations[-1].astype(np.float64)).all():
+        raise RolloutError(f"{where}: the final observation is non-finite {obs!r}")
+    return dict(observations=np.stack(observations), actions=np.stack(actions), rewards=rewards,
+                terminations=terms, truncations=truncs)
 
 
 BUILTIN_EXPERTS: Dict[str, Policy] = {

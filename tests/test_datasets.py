@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -267,3 +270,15 @@ def test_cli(capsys: pytest.CaptureFixture, minari_root: Path) -> None:
     assert "already exists" in capsys.readouterr().err
     assert main(args + ["--policy", "random", "--epsilon", "0.5", "--overwrite"]) == 0
     assert "mean return 500.00" not in capsys.readouterr().out
+
+
+def test_quickstart_concurrent_processes(minari_root: Path) -> None:
+    """Two processes (like DDP ranks) racing to create the quickstart data both succeed."""
+    code = "from bicql_lightning.datasets import ensure_quickstart_datasets as e; print(e('CartPole-v1')['expert'])"
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(minari_root)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert all(out.strip() == "bicql/cartpole/expert-v0" for out, _ in results)
+    assert load_transitions("bicql/cartpole/mixed-v0").num_episodes == 50

@@ -1,0 +1,159 @@
+"""BiCQLML's objectives: where gradients flow, shapes and finiteness for both action kinds."""
+
+import numpy as np
+import pytest
+import torch
+
+from bicql_lightning import BiCQLML, RewardNet, polyak_update
+
+DISCRETE = dict(obs_kind="box", obs_dim=4, action_kind="discrete", action_dim=3, action_low=[], action_high=[])
+BOX = dict(obs_kind="box", obs_dim=5, action_kind="box", action_dim=2, action_low=[-2.0, -1.0], action_high=[2.0, 1.0])
+TABULAR = dict(obs_kind="discrete", obs_dim=6, action_kind="discrete", action_dim=2, action_low=[], action_high=[])
+
+
+def make_batch(spaces, batch_size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if spaces["obs_kind"] == "discrete":
+        obs = torch.randint(0, spaces["obs_dim"], (batch_size,), generator=g)
+        next_obs = torch.randint(0, spaces["obs_dim"], (batch_size,), generator=g)
+    else:
+        obs = torch.randn(batch_size, spaces["obs_dim"], generator=g)
+        next_obs = torch.randn(batch_size, spaces["obs_dim"], generator=g)
+    if spaces["action_kind"] == "discrete":
+        action = torch.randint(0, spaces["action_dim"], (batch_size,), generator=g)
+    else:
+        low, high = torch.tensor(spaces["action_low"]), torch.tensor(spaces["action_high"])
+        action = low + (high - low) * torch.rand(batch_size, spaces["action_dim"], generator=g)
+    return {"obs": obs, "action": action, "reward": torch.randn(batch_size, generator=g),
+            "next_obs": next_obs, "terminated": (torch.rand(batch_size, generator=g) < 0.1).float()}
+
+
+def grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("spaces", [DISCRETE, BOX, TABULAR], ids=["discrete", "box", "tabular"])
+def test_q_update_gradients_reach_only_the_q_networks(spaces):
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=spaces, hidden_sizes=[16, 16], reward_hidden_sizes=[16], num_action_samples=4)
+    loss, metrics = model.q_objective(make_batch(spaces), make_batch(spaces, seed=1))
+    loss.backward()
+    assert all(g is not None and torch.isfinite(g).all() for g in grads(model.q_net))
+    assert all(g is None for g in grads(model.reward_net))
+    assert all(g is None for g in grads(model.target_q_net))
+    if model.proposal is not None:
+        assert all(g is None for g in grads(model.proposal))
+    assert all(torch.isfinite(v) for v in metrics.values())
+    assert metrics["cql/gap"] > 0  # soft value exceeds Q at any single action
+
+
+@pytest.mark.parametrize("spaces", [DISCRETE, BOX, TABULAR], ids=["discrete", "box", "tabular"])
+def test_reward_update_gradients_reach_only_the_reward_network(spaces):
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=spaces, hidden_sizes=[16, 16], reward_hidden_sizes=[16], num_action_samples=4)
+    loss, metrics = model.reward_objective(make_batch(spaces))
+    loss.backward()
+    assert all(g is not None and torch.isfinite(g).all() for g in grads(model.reward_net))
+    assert all(g is None for g in grads(model.q_net))
+    assert all(g is None for g in grads(model.target_q_net))
+    assert torch.isfinite(loss)
+
+
+def test_reward_target_is_the_soft_advantage_of_the_min_twin():
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=DISCRETE, hidden_sizes=[8], gamma=0.9, temperature=0.5)
+    batch = make_batch(DISCRETE, batch_size=5)
+    q = model.q_net(model.encoder(batch["obs"])).min(0).values  # (B, A)
+    q_next = model.q_net(model.encoder(batch["next_obs"])).min(0).values
+    expected = (q.gather(1, batch["action"].view(-1, 1)).squeeze(1)
+                - 0.9 * (1 - batch["terminated"]) * 0.5 * torch.logsumexp(q_next / 0.5, dim=1))
+    reward = model.reward_net(batch["obs"], batch["action"])
+    loss, _ = model.reward_objective(batch)
+    assert loss.item() == pytest.approx((reward - expected).pow(2).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("spaces", [DISCRETE, BOX], ids=["discrete", "box"])
+def test_act_returns_valid_actions_for_single_and_batched_observations(spaces):
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=spaces, hidden_sizes=[16], num_act_candidates=8)
+    obs = make_batch(spaces, batch_size=7)["obs"].numpy()
+    batched, single = model.act(obs), model.act(obs[0], deterministic=False)
+    if spaces["action_kind"] == "discrete":
+        assert batched.shape == (7,) and np.all((batched >= 0) & (batched < spaces["action_dim"]))
+        assert np.ndim(single) == 0
+    else:
+        assert batched.shape == (7, 2) and single.shape == (2,)
+        low, high = np.array(spaces["action_low"]), np.array(spaces["action_high"])
+        assert np.all(batched >= low) and np.all(batched <= high)
+
+
+def test_deterministic_discrete_act_is_argmax_of_min_twin():
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=DISCRETE, hidden_sizes=[16])
+    obs = make_batch(DISCRETE, batch_size=50)["obs"]
+    q = model.q_net(model.encoder(obs)).min(0).values
+    assert np.array_equal(model.act(obs.numpy()), q.argmax(1).numpy())
+
+
+def test_stochastic_discrete_act_follows_the_boltzmann_policy():
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=DISCRETE, hidden_sizes=[16], temperature=0.5)
+    obs = np.repeat(make_batch(DISCRETE, batch_size=1)["obs"].numpy(), 20000, axis=0)
+    q = model.q_net(model.encoder(torch.as_tensor(obs[:1]))).min(0).values[0]
+    expected = torch.softmax(q / 0.5, 0).detach().numpy()
+    freq = np.bincount(model.act(obs, deterministic=False), minlength=3) / len(obs)
+    assert np.abs(freq - expected).max() < 0.015
+
+
+def test_box_proposal_fit_recovers_a_state_dependent_mean():
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=BOX, proposal_hidden_sizes=[64, 64], proposal_fit_steps=1500)
+    obs = torch.randn(2048, 5)
+    actions = torch.stack([torch.tanh(obs[:, 0]) * 1.5, 0.5 * torch.tanh(obs[:, 1])], 1)
+    actions = actions + 0.05 * torch.randn_like(actions)
+    model.fit_proposal(obs, actions)
+    assert bool(model.proposal.fitted)
+    assert not any(p.requires_grad for p in model.proposal.parameters())
+    mode = model.proposal.mode(model.encoder(obs[:256]))
+    assert (mode - actions[:256]).abs().mean() < 0.15
+
+
+def test_box_proposal_density_integrates_to_one():
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=BOX, proposal_uniform_weight=0.5)
+    obs = model.encoder(torch.randn(1, 5))
+    # Monte Carlo over the box (volume 4 * 2 = 8): E_uniform[q] * volume = 1.
+    grid = torch.stack([torch.rand(200_000) * 4 - 2, torch.rand(200_000) * 2 - 1], 1).unsqueeze(0)
+    density = model.proposal.log_prob(obs, grid).exp()
+    assert (density.mean() * 8).item() == pytest.approx(1.0, abs=0.03)
+
+
+def test_polyak_update_moves_target_by_tau():
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=DISCRETE, hidden_sizes=[8])
+    with torch.no_grad():
+        for p in model.q_net.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.target_q_net.parameters()]
+    polyak_update(model.target_q_net, model.q_net, 0.1)
+    for b, t, o in zip(before, model.target_q_net.parameters(), model.q_net.parameters()):
+        assert torch.allclose(t, 0.9 * b + 0.1 * o)
+
+
+def test_bounded_reward_stays_within_its_bound():
+    net = RewardNet(BOX, hidden_sizes=[8], reward_bound=2.0)
+    with torch.no_grad():
+        for p in net.net.parameters():
+            p.mul_(100.0)
+    batch = make_batch(BOX, batch_size=64)
+    r = net(batch["obs"], batch["action"])
+    assert r.abs().max() <= 2.0 and r.abs().max() > 1.5
+
+
+def test_invalid_hyperparameters_are_refused_with_their_name():
+    with pytest.raises(ValueError, match="cql_data"):
+        BiCQLML(spaces=DISCRETE, cql_data="everywhere")
+    with pytest.raises(ValueError, match="temperature"):
+        BiCQLML(spaces=DISCRETE, temperature=0.0)
+    with pytest.raises(ValueError, match="spaces"):
+        BiCQLML(spaces={"obs_dim": 3})

@@ -118,7 +118,9 @@ class RolloutEvaluation(Callback):
                 env.close()
             random_return, expert_return = self._references(trainer)
             mean = float(np.mean(returns))
-            result = {"updates": int(pl_module.updates), "return": mean, "return_std": float(np.std(returns)),
+            result = {"updates": int(pl_module.updates),
+                      "updates_per_sec": float(getattr(pl_module, "updates_per_sec", float("nan"))),
+                      "return": mean, "return_std": float(np.std(returns)),
                       "returns": [float(r) for r in returns], "random_return": random_return,
                       "expert_return": expert_return,
                       "normalized_score": normalized_score(mean, random_return, expert_return)}
@@ -165,4 +167,5 @@ class RolloutEvaluation(Callback):
             f"  expert return:             {fmt(result['expert_return'])}",
             f"  random return:             {fmt(result['random_return'])}",
             f"  normalised score:          {fmt(result['normalized_score'])}",
+            f"  training throughput:       {result['updates_per_sec']:.1f} updates/s",
         ])

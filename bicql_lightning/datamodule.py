@@ -57,17 +57,20 @@ class TransitionStore:
 
 
 class _BatchStream:
-    """An epoch of ``{"offline": batch, "expert": batch}`` dicts, sampled on the fly."""
+    """An epoch of ``{"offline": batch, "expert": batch}`` dicts, sampled on the fly
+    (or one fixed batch repeated, for validation). Not a list: Lightning would take a
+    list for several dataloaders."""
 
-    def __init__(self, datamodule: OfflineIRLDataModule, length: int):
-        self.datamodule, self.length = datamodule, length
+    def __init__(self, datamodule: OfflineIRLDataModule | None, length: int,
+                 fixed: dict[str, Any] | None = None):
+        self.datamodule, self.length, self.fixed = datamodule, length, fixed
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self):
         for _ in range(self.length):
-            yield self.datamodule.sample_batch()
+            yield self.fixed if self.fixed is not None else self.datamodule.sample_batch()
 
 
 class OfflineIRLDataModule(LightningDataModule):
@@ -159,8 +162,8 @@ class OfflineIRLDataModule(LightningDataModule):
         self._loaded = True
 
     def _statistics(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        dim = self.spaces["obs_dim"]
-        if self.spaces["obs_kind"] == "discrete" or not self.hparams.normalize_observations:
+        dim = self._spaces["obs_dim"]
+        if self._spaces["obs_kind"] == "discrete" or not self.hparams.normalize_observations:
             return torch.zeros(dim), torch.ones(dim)
         flat = obs.reshape(obs.shape[0], -1).double()
         std = flat.std(0, unbiased=False)
@@ -221,7 +224,7 @@ class OfflineIRLDataModule(LightningDataModule):
         n = len(self.expert_store)
         gen = torch.Generator().manual_seed(self.hparams.seed + 1)
         index = torch.randperm(n, generator=gen)[: self.hparams.val_size].to(self.expert_store.device)
-        return [{"expert": self.expert_store.take(index)}]
+        return _BatchStream(None, 1, fixed={"expert": self.expert_store.take(index)})
 
     def proposal_pairs(self, which: str) -> tuple[Tensor, Tensor]:
         """(observations, actions) the Box proposal is fitted to: ``"expert"`` or ``"offline"``."""

@@ -69,6 +69,8 @@ class BiCQLML(LightningModule):
         proposal_fit_steps: maximum-likelihood steps fitting the proposal before training.
         proposal_lr: learning rate of the proposal fit.
         updates_per_sec_every: updates between two throughput measurements.
+        log_every_n_updates: training metrics are logged every N updates; logging every
+            update costs more than a small network's update.
     """
 
     model_name = "BiCQLML"
@@ -96,6 +98,7 @@ class BiCQLML(LightningModule):
         proposal_fit_steps: int = 2000,
         proposal_lr: float = 1e-3,
         updates_per_sec_every: int = 100,
+        log_every_n_updates: int = 10,
     ):
         super().__init__()
         if cql_data not in ("offline", "expert", "both"):
@@ -103,6 +106,7 @@ class BiCQLML(LightningModule):
         if proposal_data not in ("expert", "offline"):
             raise ValueError(f"proposal_data must be 'expert' or 'offline', got {proposal_data!r}")
         for name, value in (("q_updates", q_updates), ("reward_updates", reward_updates),
+                            ("log_every_n_updates", log_every_n_updates),
                             ("num_action_samples", num_action_samples),
                             ("num_act_candidates", num_act_candidates)):
             if value < 1:
@@ -286,9 +290,16 @@ class BiCQLML(LightningModule):
         metrics.update(r_metrics)
 
         self.updates += 1
-        metrics["train/updates_per_sec"] = self._updates_per_sec()
-        self.log_dict(metrics, on_step=True, on_epoch=False)
-        self.log("updates", float(self.updates), on_step=True, on_epoch=False, prog_bar=False)
+        rate = self._updates_per_sec()
+        if self.updates % self.hparams.log_every_n_updates == 0:
+            metrics["train/updates_per_sec"] = rate
+            metrics["train/updates"] = torch.tensor(float(self.updates))
+            self.log_dict(metrics, on_step=True, on_epoch=False)
+
+    @property
+    def updates_per_sec(self) -> float:
+        """Training updates per second, measured over the last ``updates_per_sec_every`` updates."""
+        return float(self._rate)
 
     def _updates_per_sec(self) -> Tensor:
         now = time.perf_counter()

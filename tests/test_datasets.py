@@ -265,7 +265,8 @@ def test_cli(capsys: pytest.CaptureFixture, minari_root: Path) -> None:
     args = ["--env", "CartPole-v1", "--dataset-id", "cli/cart-v0", "--episodes", "2", "--no-progress"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert str(minari_root / "cli" / "cart-v0") in out and "2 episodes, 1000 transitions, mean return 500.00" in out
+    assert str(minari_root / "cli" / "cart-v0") in out
+    assert "2 episodes, 1000 transitions, mean return 500.00" in out
     assert main(args + ["--policy", "random"]) == 1
     assert "already exists" in capsys.readouterr().err
     assert main(args + ["--policy", "random", "--epsilon", "0.5", "--overwrite"]) == 0
@@ -274,11 +275,38 @@ def test_cli(capsys: pytest.CaptureFixture, minari_root: Path) -> None:
 
 def test_quickstart_concurrent_processes(minari_root: Path) -> None:
     """Two processes (like DDP ranks) racing to create the quickstart data both succeed."""
-    code = "from bicql_lightning.datasets import ensure_quickstart_datasets as e; print(e('CartPole-v1')['expert'])"
+    code = ("from bicql_lightning.datasets import ensure_quickstart_datasets as e;"
+            "print(e('CartPole-v1')['expert'])")
     env = {**os.environ, "MINARI_DATASETS_PATH": str(minari_root)}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+             for _ in range(2)]
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     assert all(out.strip() == "bicql/cartpole/expert-v0" for out, _ in results)
     assert load_transitions("bicql/cartpole/mixed-v0").num_episodes == 50
+
+
+def test_failed_overwrite_keeps_old_data(minari_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    collect_dataset("tst/safe-v0", "CartPole-v1", noisy_cartpole(), 2, seed=0, progress=False)
+    before = load_transitions("tst/safe-v0")
+    original = minari.create_dataset_from_buffers
+
+    def crash_after_writing(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", crash_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        collect_dataset("tst/safe-v0", "CartPole-v1", noisy_cartpole(), 1, seed=9, overwrite=True, progress=False)
+    np.testing.assert_array_equal(load_transitions("tst/safe-v0").observations, before.observations)
+    assert sorted(p.name for p in minari_root.iterdir()) == ["tst"]
+
+
+def test_discrete_observations_and_env_objects() -> None:
+    env = gym.make("FrozenLake-v1", is_slippery=False)
+    collect_dataset("tst/lake-v0", env, random_policy(env.action_space), 3, seed=0, progress=False)
+    tr = load_transitions("tst/lake-v0")
+    assert tr.observations.shape == (len(tr),) and tr.observations.dtype == np.int64
+    assert tr.actions.dtype == np.int64 and tr.observation_space == gym.spaces.Discrete(16)
+    assert tr.episode_starts.sum() == 3 and tr.env_spec.kwargs["is_slippery"] is False

@@ -56,8 +56,8 @@ class RolloutEvaluation(Callback):
     The environment is the one recorded in the expert dataset (Minari metadata) unless
     ``env_id`` is given. Episodes reset with seeds ``seed, seed+1, …``. Reference returns
     come from the dataset metadata unless given here. At the end of fit it prints the
-    learned controller's return next to the references and writes
-    ``rollout_summary.json`` into the logger's directory.
+    learned controller's return next to the references and, when a logger is set,
+    writes ``rollout_summary.json`` into its directory.
 
     Args:
         every_n_updates: evaluate every N updates (``0``: only at the end).
@@ -151,10 +151,12 @@ class RolloutEvaluation(Callback):
                 trainer.logger.log_metrics(self._metrics(self.last), step=trainer.global_step)
         if trainer.is_global_zero:
             print(self.summary(self.last), flush=True)
-            log_dir = trainer.log_dir or trainer.default_root_dir
-            os.makedirs(log_dir, exist_ok=True)
-            with open(os.path.join(log_dir, "rollout_summary.json"), "w") as fh:
-                json.dump(self.last, fh, indent=2)
+            # Only beside a logger's files: without a logger there is no run directory,
+            # and the user's working directory is not ours to write into.
+            if trainer.logger is not None and trainer.log_dir is not None:
+                os.makedirs(trainer.log_dir, exist_ok=True)
+                with open(os.path.join(trainer.log_dir, "rollout_summary.json"), "w") as fh:
+                    json.dump(self.last, fh, indent=2)
 
     def summary(self, result: dict[str, Any]) -> str:
         def fmt(value: float | None) -> str:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from .datasets import evaluate_policy
 from .networks import polyak_update
 
 
@@ -41,6 +42,29 @@ class TargetNetworkUpdate(Callback):
                 polyak_update(pl_module.target_q_net, pl_module.q_net, 1.0)
         else:
             polyak_update(pl_module.target_q_net, pl_module.q_net, self.tau)
+
+
+def rollout_returns(envs: list[gym.Env], act: Callable[[np.ndarray], np.ndarray],
+                    seeds: list[int]) -> np.ndarray:
+    """Undiscounted returns of one episode per environment, stepped in lockstep.
+
+    Environment ``k`` resets with ``seeds[k]``; ``act`` gets the stacked observations of
+    the episodes still running, so the policy runs once per time step, not once per
+    environment step.
+    """
+    obs = [env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)]
+    returns = np.zeros(len(envs))
+    running = list(range(len(envs)))
+    while running:
+        actions = act(np.stack([obs[k] for k in running]))
+        still = []
+        for k, action in zip(running, actions):
+            obs[k], reward, terminated, truncated, _ = envs[k].step(action)
+            returns[k] += float(reward)
+            if not (terminated or truncated):
+                still.append(k)
+        running = still
+    return returns
 
 
 def normalized_score(ret: float, random_return: float | None, expert_return: float | None) -> float | None:
@@ -109,13 +133,18 @@ class RolloutEvaluation(Callback):
         """Roll out on rank 0 and broadcast, so every rank logs the same numbers."""
         result = None
         if trainer.is_global_zero:
-            env = self._make_env(trainer)
+            envs = [self._make_env(trainer) for _ in range(self.episodes)]
+            threads = torch.get_num_threads()
+            # Rollout batches are a handful of observations: intra-op threads only add
+            # wake-up latency (tens of ms per call when the other cores are busy).
+            torch.set_num_threads(1)
             try:
-                returns = evaluate_policy(
-                    env, lambda obs, rng: pl_module.act(obs, deterministic=self.deterministic),
-                    seeds=list(range(self.seed, self.seed + self.episodes)))
+                returns = rollout_returns(envs, lambda obs: pl_module.act(obs, deterministic=self.deterministic),
+                                          seeds=list(range(self.seed, self.seed + self.episodes)))
             finally:
-                env.close()
+                torch.set_num_threads(threads)
+                for env in envs:
+                    env.close()
             random_return, expert_return = self._references(trainer)
             mean = float(np.mean(returns))
             result = {"updates": int(pl_module.updates),

@@ -64,8 +64,8 @@ def tiny_fit(ids, root, *, callbacks=(), logger=False, max_epochs=1, batches=UPD
     L.seed_everything(seed, verbose=False)
     dm = OfflineIRLDataModule(*ids, batch_size=32, batches_per_epoch=batches, val_size=64, seed=seed)
     model = BiCQLML(**{**TINY_MODEL, **(model_kwargs or {})})
-    trainer = L.Trainer(max_epochs=max_epochs, logger=logger, enable_checkpointing=False, default_root_dir=root,
-                        callbacks=list(callbacks), **QUIET)
+    trainer = L.Trainer(max_epochs=max_epochs, logger=logger, log_every_n_steps=10, enable_checkpointing=False,
+                        default_root_dir=root, callbacks=list(callbacks), **QUIET)
     trainer.fit(model, dm, ckpt_path=ckpt_path)
     return model, dm, trainer
 

@@ -388,6 +388,21 @@ def test_cli_rejects_a_misspelt_option_naming_it(tmp_path):
     assert not (tmp_path / "lightning_logs").exists()
 
 
+def test_cli_refuses_an_optimizer_option_at_parse_time(tiny, tmp_path):
+    # BiCQLML optimises manually with two optimizers of its own; LightningCLI's generic
+    # --optimizer would replace them with one and crash inside training_step.
+    (tmp_path / "tiny.yaml").write_text(TINY_CONFIG)
+    run = bicql(["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--config", "tiny.yaml",
+                 "--data.expert_dataset", tiny.cartpole_expert, "--data.offline_dataset", tiny.cartpole_mixed,
+                 "--data.batches_per_epoch", "2", "--optimizer", "Adam",
+                 "--trainer.default_root_dir", str(tmp_path / "run")],
+                env={"MINARI_DATASETS_PATH": str(tiny.root)}, cwd=tmp_path)
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr, run.stderr[-1500:]
+    assert "--optimizer" in run.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
 def test_cli_dataset_writes_a_dataset_and_refuses_to_overwrite_it(tmp_path, monkeypatch):
     root = tmp_path / "minari"
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))

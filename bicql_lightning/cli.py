@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> None:
         from .datasets import main as dataset_main
 
         raise SystemExit(dataset_main(args[1:]))
-    BiCQLCLI(BiCQLML, OfflineIRLDataModule, args=argv, save_config_kwargs={"overwrite": True})
+    # The module owns its two optimizers (manual optimisation): no CLI-level optimizer.
+    BiCQLCLI(BiCQLML, OfflineIRLDataModule, args=argv, save_config_kwargs={"overwrite": True},
+             auto_configure_optimizers=False)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ class BiCQLML(LightningModule):
         proposal_fit_steps: maximum-likelihood steps fitting the proposal before training.
         proposal_lr: learning rate of the proposal fit.
         updates_per_sec_every: updates between two throughput measurements.
-        log_every_n_updates: training metrics are logged every N updates; logging every
-            update costs more than a small network's update.
+        log_every_n_updates: training metrics are logged every N updates (logging every
+            update costs more than a small network's update); ``None`` follows the
+            Trainer's ``log_every_n_steps``, so every row a logger writes is fresh.
     """
 
     model_name = "BiCQLML"
@@ -98,7 +99,7 @@ class BiCQLML(LightningModule):
         proposal_fit_steps: int = 2000,
         proposal_lr: float = 1e-3,
         updates_per_sec_every: int = 100,
-        log_every_n_updates: int = 10,
+        log_every_n_updates: int | None = None,
     ):
         super().__init__()
         if cql_data not in ("offline", "expert", "both"):
@@ -106,7 +107,7 @@ class BiCQLML(LightningModule):
         if proposal_data not in ("expert", "offline"):
             raise ValueError(f"proposal_data must be 'expert' or 'offline', got {proposal_data!r}")
         for name, value in (("q_updates", q_updates), ("reward_updates", reward_updates),
-                            ("log_every_n_updates", log_every_n_updates),
+                            ("log_every_n_updates", 1 if log_every_n_updates is None else log_every_n_updates),
                             ("num_action_samples", num_action_samples),
                             ("num_act_candidates", num_act_candidates)):
             if value < 1:
@@ -291,7 +292,7 @@ class BiCQLML(LightningModule):
 
         self.updates += 1
         rate = self._updates_per_sec()
-        if self.updates % self.hparams.log_every_n_updates == 0:
+        if self.updates % (self.hparams.log_every_n_updates or self.trainer.log_every_n_steps) == 0:
             metrics["train/updates_per_sec"] = rate
             metrics["train/updates"] = torch.tensor(float(self.updates))
             self.log_dict(metrics, on_step=True, on_epoch=False)
@@ -345,7 +346,9 @@ class BiCQLML(LightningModule):
             q = self.q_net(enc).min(0).values  # (B, A)
             action = q.argmax(1) if deterministic else torch.distributions.Categorical(logits=q / temperature).sample()
         else:
-            cands, log_prop = self.proposal.sample(enc, self.hparams.num_act_candidates)  # (B, M, A)
+            # Greedy acting must be a function of the observation: fixed candidates.
+            gen = torch.Generator(device=enc.device).manual_seed(0) if deterministic else None
+            cands, log_prop = self.proposal.sample(enc, self.hparams.num_act_candidates, generator=gen)  # (B, M, A)
             mode = self.proposal.mode(enc).unsqueeze(1)  # (B, 1, A)
             cands = torch.cat([mode, cands], 1)
             log_prop = torch.cat([self.proposal.log_prob(enc, mode), log_prop], 1)

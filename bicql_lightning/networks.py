@@ -176,14 +176,15 @@ class ActionProposal(nn.Module):
         return torch.logaddexp(math.log(w) + log_uniform, math.log1p(-w) + log_squashed)
 
     @torch.no_grad()
-    def sample(self, obs: Tensor, num_samples: int) -> tuple[Tensor, Tensor]:
+    def sample(self, obs: Tensor, num_samples: int,
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Draw ``M`` actions per state: ``(B, M, A)`` actions and ``(B, M)`` log densities."""
         mu, log_std = self._gaussian(obs)
         B = obs.shape[0]
-        noise = torch.randn(B, num_samples, self.act_dim, device=obs.device, dtype=mu.dtype)
+        noise = torch.randn(B, num_samples, self.act_dim, device=obs.device, dtype=mu.dtype, generator=generator)
         squashed = torch.tanh(mu.unsqueeze(1) + log_std.exp().unsqueeze(1) * noise)
-        uniform = torch.rand_like(squashed) * 2 - 1
-        pick_uniform = torch.rand(B, num_samples, 1, device=obs.device) < self.uniform_weight
+        uniform = torch.rand(squashed.shape, device=obs.device, dtype=squashed.dtype, generator=generator) * 2 - 1
+        pick_uniform = torch.rand(B, num_samples, 1, device=obs.device, generator=generator) < self.uniform_weight
         unit = torch.where(pick_uniform, uniform, squashed)
         actions = self.action_center + self.action_half * unit
         return actions, self.log_prob(obs, actions)

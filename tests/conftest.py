@@ -71,3 +71,15 @@ def tiny(tiny_data: TinyData, monkeypatch: pytest.MonkeyPatch) -> TinyData:
     """The tiny datasets, with MINARI_DATASETS_PATH pointing at their root for this test."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tiny_data.root))
     return tiny_data
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tests' networks are tiny: with two intra-op threads on a busy 2-core machine
+    each small op waits tens of milliseconds for the other thread, so run on one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,8 +1,12 @@
 """Offline and expert transitions from Minari datasets, served as index-sampled tensors.
 
 Per-item ``Dataset``/``DataLoader`` pipelines cost more than a whole BiCQL-ML update, so
-the transitions are held as tensors (on the training device when asked) and each step
+the transitions are held as tensors (on the training device when they fit) and each step
 draws random indices with a seeded generator whose state is saved in the checkpoint.
+
+Under DDP the batch sizes are *global*: every process draws the same global indices
+from an identically seeded generator and keeps its contiguous share of ``B / world_size``
+rows, so any number of processes trains on exactly the batches one process would.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any
 import gymnasium as gym
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .datasets import DatasetError, Transitions, ensure_quickstart_datasets, load_transitions
@@ -51,26 +56,73 @@ class TransitionStore:
     def take(self, index: Tensor) -> dict[str, Tensor]:
         return {k: v[index] for k, v in self.tensors.items()}
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
-        index = torch.randint(0, len(self), (batch_size,), generator=generator, device=self.device)
-        return self.take(index)
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def sample(self, batch_size: int, generator: torch.Generator, world_size: int = 1,
+               rank: int = 0) -> dict[str, Tensor]:
+        """Rank ``rank``'s contiguous share of a global batch of ``batch_size`` random rows."""
+        index = torch.randint(0, len(self), (batch_size,), generator=generator, device=generator.device)
+        share = batch_size // world_size
+        return self.take(index[rank * share:(rank + 1) * share].to(self.device))
+
+
+def shard_size(batch_size: int, world_size: int, name: str = "batch_size") -> int:
+    """Rows per process of a global batch; a clear error unless it divides evenly."""
+    if batch_size % world_size:
+        lower = batch_size - batch_size % world_size
+        raise ValueError(
+            f"{name}={batch_size} is the global batch over all {world_size} processes and must be "
+            f"divisible by {world_size}; use {lower or world_size} or {lower + world_size}."
+        )
+    return batch_size // world_size
+
+
+class _Draw:
+    """Placeholder batch: the data module draws the real one when the step consumes it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<draw a batch>"
+
+
+DRAW = _Draw()
 
 
 class _BatchStream:
     """An epoch of ``{"offline": batch, "expert": batch}`` dicts, sampled on the fly
     (or one fixed batch repeated, for validation). Not a list: Lightning would take a
-    list for several dataloaders."""
+    list for several dataloaders.
+
+    With ``deferred`` it yields :data:`DRAW` placeholders and the data module draws each
+    batch in ``on_before_batch_transfer``, when the training step consumes it: Lightning
+    fetches one batch ahead, and a batch drawn early would put the *next* step's draw
+    into a checkpoint saved at the end of this one (a resumed run would skip a batch).
+    It has no state of its own (the draws' state is the data module's), so it tells
+    Lightning it is resumable mid-epoch.
+    """
 
     def __init__(self, datamodule: OfflineIRLDataModule | None, length: int,
-                 fixed: dict[str, Any] | None = None):
-        self.datamodule, self.length, self.fixed = datamodule, length, fixed
+                 fixed: dict[str, Any] | None = None, deferred: bool = False):
+        self.datamodule, self.length, self.fixed, self.deferred = datamodule, length, fixed, deferred
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self):
         for _ in range(self.length):
-            yield self.fixed if self.fixed is not None else self.datamodule.sample_batch()
+            if self.fixed is not None:
+                yield self.fixed
+            else:
+                yield DRAW if self.deferred else self.datamodule.sample_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 class OfflineIRLDataModule(LightningDataModule):
@@ -84,11 +136,15 @@ class OfflineIRLDataModule(LightningDataModule):
         expert_episodes: keep only the first N expert episodes (``None``: all).
         offline_episodes: keep only the first N offline episodes (``None``: all).
         include_expert_in_offline: add the (kept) expert transitions to D.
-        batch_size: offline batch size per step.
-        expert_batch_size: expert batch size per step (``None``: ``batch_size``).
+        batch_size: offline batch size per step: the global batch over all processes
+            (each of W DDP processes uses ``batch_size / W`` rows; it must divide evenly).
+        expert_batch_size: expert batch size per step, global like ``batch_size``
+            (``None``: ``batch_size``).
         batches_per_epoch: training steps per epoch (the data is sampled, not iterated).
         normalize_observations: standardise Box observations with D's mean and std.
-        data_on_device: keep the tensors on the training device (sampling there too).
+        data_on_device: keep the tensors on the training device (sampling there too) when
+            they take at most half of its free memory; otherwise they stay in (pinned)
+            host memory with a warning, and each batch is copied over.
         val_size: expert transitions in the validation batch.
         seed: seed of the index sampler.
         download: try to download ids missing locally (Minari's remote datasets).
@@ -121,6 +177,7 @@ class OfflineIRLDataModule(LightningDataModule):
         self._loaded = False
         self._generator: torch.Generator | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._world_size, self._rank = 1, 0
 
     # ------------------------------------------------------------------ loading
     def _ensure_quickstart(self, ids: list[str]) -> None:
@@ -180,16 +237,45 @@ class OfflineIRLDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.load()
-        device = torch.device("cpu")
-        if self.hparams.data_on_device and self.trainer is not None:
-            device = self.trainer.strategy.root_device
-        self.expert_store.to(device)
-        if self.offline_store is not self.expert_store:
-            self.offline_store.to(device)
-        self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(self.hparams.seed)
+        if self.trainer is not None:
+            self._configure_shards(self.trainer.world_size, self.trainer.global_rank)
+        device = self._data_device()
+        stores = [self.expert_store] + ([self.offline_store] if self.offline_store is not self.expert_store else [])
+        for store in stores:
+            store.to(device)
+            if device.type == "cpu" and self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
+                store.tensors = {k: v.pin_memory() for k, v in store.tensors.items()}
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.hparams.seed)
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
+
+    def _configure_shards(self, world_size: int, rank: int) -> None:
+        """Serve rank ``rank``'s share of every global batch of ``world_size`` processes."""
+        hp = self.hparams
+        shard_size(hp.batch_size, world_size, "batch_size")
+        if hp.expert_batch_size is not None:
+            shard_size(hp.expert_batch_size, world_size, "expert_batch_size")
+        self._world_size, self._rank = world_size, rank
+
+    def _data_device(self) -> torch.device:
+        """The training device if asked and the tensors fit there, else the CPU."""
+        if not self.hparams.data_on_device or self.trainer is None:
+            return torch.device("cpu")
+        device = self.trainer.strategy.root_device
+        if device.type == "cuda":
+            need = self.expert_store.nbytes + (self.offline_store.nbytes if self.offline_store is not self.expert_store
+                                               else 0)
+            free, _ = torch.cuda.mem_get_info(device)
+            if need > free // 2:
+                rank_zero_warn(
+                    f"The transitions take {need / 2**30:.2f} GiB, more than half of the "
+                    f"{free / 2**30:.2f} GiB free on {device}: they stay in host memory and every "
+                    "batch is copied over (data_on_device=false does this without the check)."
+                )
+                return torch.device("cpu")
+        return device
 
     # ------------------------------------------------------------------ serving
     @property
@@ -210,14 +296,22 @@ class OfflineIRLDataModule(LightningDataModule):
         return self.expert.ref_min_score, self.expert.ref_max_score
 
     def sample_batch(self) -> dict[str, dict[str, Tensor]]:
+        """This process's share of the next global batch (all of it in one process)."""
         if self._generator is None:
             self.setup("fit")
         hp = self.hparams
-        return {"offline": self.offline_store.sample(hp.batch_size, self._generator),
-                "expert": self.expert_store.sample(hp.expert_batch_size or hp.batch_size, self._generator)}
+        shards = (self._world_size, self._rank)
+        return {"offline": self.offline_store.sample(hp.batch_size, self._generator, *shards),
+                "expert": self.expert_store.sample(hp.expert_batch_size or hp.batch_size, self._generator, *shards)}
 
     def train_dataloader(self):
-        return _BatchStream(self, self.hparams.batches_per_epoch)
+        # Under a Trainer the batches are drawn when consumed (see _BatchStream).
+        return _BatchStream(self, self.hparams.batches_per_epoch, deferred=self.trainer is not None)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, _Draw):
+            return self.sample_batch()
+        return batch
 
     def val_dataloader(self):
         # A fixed, seeded subset of D_E: the same validation batch every time.
@@ -246,7 +340,13 @@ class OfflineIRLDataModule(LightningDataModule):
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         if "generator" in state and self._generator is not None:
-            self._generator.set_state(state["generator"])
+            if state["generator"].numel() == self._generator.get_state().numel():
+                self._generator.set_state(state["generator"])
+            else:
+                rank_zero_warn(
+                    "The checkpoint's index sampler was saved on another kind of device; the index "
+                    f"stream restarts from seed {self.hparams.seed} on {self._generator.device.type}."
+                )
         if "obs_mean" in state:
             self.obs_mean, self.obs_std = state["obs_mean"], state["obs_std"]
         self._pending_state = None

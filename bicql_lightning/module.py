@@ -18,13 +18,23 @@ fixed proposal fitted to data before training.
 from __future__ import annotations
 
 import copy
+import os
+import re
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import LightningModule
-from torch import Tensor
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import losses
 from .networks import ActionProposal, ObservationEncoder, QEnsemble
@@ -36,6 +46,101 @@ Batch = dict[str, Tensor]
 
 def _cat(a: Batch, b: Batch) -> Batch:
     return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def _distributed(world_size: int) -> bool:
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def _flat_all_reduce_mean(tensors: Sequence[Tensor], world_size: int) -> None:
+    """Average ``tensors`` over all processes in place: one flattened ``all_reduce`` per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        flat.div_(world_size)
+        torch._foreach_copy_(group, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in group]), group)])
+
+
+def _flat_broadcast(tensors: Sequence[Tensor], src: int = 0) -> None:
+    """Copy rank ``src``'s ``tensors`` to every process: one flattened broadcast per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.broadcast(flat, src=src)
+        with torch.no_grad():
+            torch._foreach_copy_(group, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in group]), group)])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint format, written so that a crash never costs the last good file.
+
+    Lightning 2.6's ``TorchCheckpointIO`` serialises into memory and hands the bytes to an
+    fsspec transaction, which writes them to ``tempfile.mkstemp()`` (the system temporary
+    directory) and ``shutil.move`` moves that onto the target: an atomic rename only when
+    the temporary directory and the checkpoint directory share a file system. On a
+    cluster they rarely do (node-local ``/tmp``, checkpoints on NFS/Lustre): the move then
+    truncates the existing ``last.ckpt`` and copies into it, so a job killed during the
+    copy leaves a truncated ``last.ckpt`` and nothing to resume from; nothing is fsynced
+    either. This plugin writes local checkpoints to a temporary file in the target's own
+    directory, fsyncs it, renames it over the target (``os.replace``) and fsyncs the directory:
+    the target is the old file or the complete new one, never a mixture. The temporary
+    file's name holds no ``last``, so ``ckpt_path="last"`` can never pick a partial one.
+    Remote paths (``s3://`` …) go through Lightning's own transaction unchanged.
+
+    ``BiCQLML`` installs it at ``setup`` when the trainer uses the default
+    ``TorchCheckpointIO``; a plugin given to the ``Trainer`` is left alone.
+    """
+
+    PARTIAL = re.compile(r"^\.partial-(\d+)-\d+\.ckpt-tmp$")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._count = 0
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+        path = os.path.abspath(os.fspath(path))
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        self._remove_stale_partials(directory)
+        self._count += 1
+        tmp = os.path.join(directory, f".partial-{os.getpid()}-{self._count}.ckpt-tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self._fsync_directory(directory)
+
+    @staticmethod
+    def _fsync_directory(directory: str) -> None:
+        with suppress(OSError):  # not every file system lets a directory be opened
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _remove_stale_partials(self, directory: str) -> None:
+        """Remove temporary files that killed processes left behind (never one of ours)."""
+        with suppress(OSError):
+            for name in os.listdir(directory):
+                found = self.PARTIAL.match(name)
+                if found and int(found.group(1)) != os.getpid():
+                    with suppress(OSError):
+                        os.unlink(os.path.join(directory, name))
 
 
 class BiCQLML(LightningModule):
@@ -72,6 +177,22 @@ class BiCQLML(LightningModule):
         log_every_n_updates: training metrics are logged every N updates (logging every
             update costs more than a small network's update); ``None`` follows the
             Trainer's ``log_every_n_steps``, so every row a logger writes is fresh.
+        proposal_seed: seed of the module's own random stream, which draws the proposal
+            fit's minibatches and the Box proposal samples of every update (Discrete
+            actions use none); ``None`` takes the run's seed (``seed_everything``, i.e.
+            ``PL_GLOBAL_SEED``), or 0 without one. The stream's state is saved in
+            checkpoints.
+
+    Distributed training (``strategy="ddp"``, any ``devices``/``num_nodes``): every
+    process holds the same networks and draws the same global batch, of which it uses
+    its own contiguous share (the data module's ``batch_size`` is the global batch). Each
+    Q or reward update runs its backward pass outside DDP's gradient hooks and then
+    averages exactly the gradients of the optimizer being stepped with one flattened
+    ``all_reduce``; proposal samples are drawn for the global batch from the module's
+    stream and sliced the same way. Together this makes W processes with batch B/W the
+    same algorithm as one process with batch B (up to float summation order), keeps
+    every network, target network and optimizer state identical on all ranks, and
+    needs no ``find_unused_parameters``.
     """
 
     model_name = "BiCQLML"
@@ -100,6 +221,7 @@ class BiCQLML(LightningModule):
         proposal_lr: float = 1e-3,
         updates_per_sec_every: int = 100,
         log_every_n_updates: int | None = None,
+        proposal_seed: int | None = None,
     ):
         super().__init__()
         if cql_data not in ("offline", "expert", "both"):
@@ -122,6 +244,8 @@ class BiCQLML(LightningModule):
         self._rate_mark: tuple[float, int] | None = None
         self._rate = torch.tensor(0.0)
         self.built = False
+        self._generator: torch.Generator | None = None
+        self._pending_generator_state: Tensor | None = None
         if spaces is not None:
             self._build(check_spec(dict(spaces)))
 
@@ -137,9 +261,15 @@ class BiCQLML(LightningModule):
         self.reward_net = RewardNet(spaces, hp.reward_hidden_sizes, hp.reward_bound)
         self.proposal = (None if self.discrete else
                          ActionProposal(spaces, hp.proposal_hidden_sizes, hp.proposal_uniform_weight))
+        if self.proposal is not None:
+            # Fitted once before training (fit_proposal), then frozen: no gradients, and
+            # not part of what DDP's reducer tracks.
+            self.proposal.requires_grad_(False)
         self.built = True
 
     def setup(self, stage: str) -> None:
+        self._check_strategy()
+        self._install_atomic_checkpoint_io()
         if self.built:
             datamodule = getattr(self.trainer, "datamodule", None)
             if datamodule is not None and hasattr(datamodule, "spaces") and datamodule.spaces != self.spaces:
@@ -152,6 +282,123 @@ class BiCQLML(LightningModule):
         if datamodule is None or not hasattr(datamodule, "spaces"):
             raise ValueError("BiCQLML(spaces=None) needs an OfflineIRLDataModule to take its spaces from.")
         self._build(datamodule.spaces)
+
+    def _check_strategy(self) -> None:
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(
+                f"BiCQLML trains on one device or with DDP (strategy='ddp', 'ddp_spawn', ...), not "
+                f"with {type(strategy).__name__}: its networks are small and replicated on every "
+                "process, and it averages gradients itself."
+            )
+
+    def _install_atomic_checkpoint_io(self) -> None:
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+    # ------------------------------------------------------------------ distributed
+    def _world(self) -> tuple[int, int]:
+        """``(world_size, global_rank)``; ``(1, 0)`` outside a Trainer."""
+        trainer = self._trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    @contextmanager
+    def _local_backward(self) -> Iterator[None]:
+        """Backward without DDP's gradient hooks: gradients stay local until averaged."""
+        model = self._trainer.strategy.model if self._trainer is not None else None
+        if isinstance(model, DistributedDataParallel):
+            with model.no_sync():
+                yield
+        else:
+            yield
+
+    def _update(self, optimizer, loss: Tensor) -> None:
+        """One optimizer update: local backward, gradients averaged over ranks, step."""
+        optimizer.zero_grad(set_to_none=True)
+        with self._local_backward():
+            self.manual_backward(loss)
+        world_size, _ = self._world()
+        if _distributed(world_size):
+            # Exactly the parameters this optimizer steps. Which ones have a gradient is
+            # decided by the (data-independent) graph, so it is the same on every rank.
+            grads = [p.grad for group in optimizer.optimizer.param_groups for p in group["params"]
+                     if p.grad is not None]
+            _flat_all_reduce_mean(grads, world_size)
+        optimizer.step()
+
+    def _mean_over_ranks(self, metrics: losses.Metrics) -> losses.Metrics:
+        """Metrics of the global batch: each rank's values averaged (equal shares), one all_reduce."""
+        world_size, _ = self._world()
+        sq_mean = metrics.pop("_reward/sq_mean", None)
+        if not _distributed(world_size):
+            return metrics
+        names = list(metrics) + (["_sq"] if sq_mean is not None else [])
+        values = [metrics[k] for k in metrics] + ([sq_mean] if sq_mean is not None else [])
+        stacked = torch.stack([v.detach().float().reshape(()).to(self.device) for v in values])
+        _flat_all_reduce_mean([stacked], world_size)
+        out = dict(zip(names, stacked.unbind()))
+        if sq_mean is not None and "reward/mean" in out:
+            # The global standard deviation, not the mean of the ranks' ones.
+            out["reward/std"] = (out.pop("_sq") - out["reward/mean"].pow(2)).clamp_min(0).sqrt()
+        return out
+
+    # ------------------------------------------------------------------ random stream
+    def _default_seed(self) -> int:
+        if self.hparams.proposal_seed is not None:
+            return int(self.hparams.proposal_seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def _rng(self) -> torch.Generator:
+        """The module's random stream, on the module's device (made on first use)."""
+        if self._generator is None or self._generator.device != self.device:
+            self._make_generator(self._default_seed())
+        return self._generator
+
+    def _make_generator(self, seed: int) -> None:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        pending, self._pending_generator_state = self._pending_generator_state, None
+        if pending is not None:
+            if pending.numel() == generator.get_state().numel():
+                generator.set_state(pending)
+            else:
+                rank_zero_warn(
+                    f"The checkpoint's random stream was saved on another kind of device; on "
+                    f"{self.device.type} it restarts from seed {seed} (training continues, but "
+                    "not bit for bit as it would have on the original device)."
+                )
+        self._generator = generator
+
+    def _sample_actions(self, obs: Tensor, segments: Sequence[int] | None = None,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Proposal samples for this rank's states.
+
+        In training (no ``generator``) the rows of ``obs`` are this rank's shares of global
+        segments (one per part of the batch: ``segments`` are the local sizes, in order):
+        the noise is drawn for each whole segment from the module's stream and the rank's
+        rows are sliced out, so every state gets the numbers it would get in one process.
+        """
+        num = self.hparams.num_action_samples
+        if generator is not None:
+            return self.proposal.sample(obs, num, generator=generator)
+        world_size, rank = self._world()
+        segments = [obs.shape[0]] if segments is None else list(segments)
+        if sum(segments) != obs.shape[0]:
+            raise ValueError(f"segments {segments} do not add up to the {obs.shape[0]} states")
+        pieces = []
+        for local in segments:
+            noise = self.proposal.draw_noise(local * world_size, num, self._rng(), obs.device)
+            pieces.append([x[rank * local:(rank + 1) * local] for x in noise])
+        noise = tuple(torch.cat(parts) for parts in zip(*pieces))
+        return self.proposal.sample(obs, num, noise=noise)
+
+    def _eval_generator(self) -> torch.Generator:
+        """A fresh, fixed stream for validation: its metrics are functions of the weights,
+        and validation never moves the training stream (sanity checks, resumed runs)."""
+        return torch.Generator(device=self.device).manual_seed(self._default_seed() + 1)
 
     def configure_optimizers(self):
         q_opt = torch.optim.Adam(self.q_net.parameters(), lr=self.hparams.q_lr)
@@ -168,6 +415,12 @@ class BiCQLML(LightningModule):
         return [TargetNetworkUpdate()]
 
     def on_fit_start(self) -> None:
+        world_size, _ = self._world()
+        if self._generator is None or self._generator.device != self.device:
+            seed = self._default_seed()
+            if _distributed(world_size):
+                seed = self.trainer.strategy.broadcast(seed, src=0)  # one stream for all ranks
+            self._make_generator(seed)
         datamodule = getattr(self.trainer, "datamodule", None)
         if not bool(self.encoder.initialized) and datamodule is not None:
             mean, std = datamodule.obs_mean, datamodule.obs_std
@@ -178,6 +431,10 @@ class BiCQLML(LightningModule):
                 raise ValueError("Fitting the Box-action proposal needs the data module's transitions.")
             obs, actions = datamodule.proposal_pairs(self.hparams.proposal_data)
             self.fit_proposal(obs, actions)
+            if _distributed(world_size):
+                # Every rank fitted the same data with the same stream; make the copies
+                # identical even where a device's kernels are not bit-reproducible.
+                _flat_broadcast(list(self.proposal.parameters()), src=0)
 
     def fit_proposal(self, obs: Tensor, actions: Tensor, batch_size: int = 256) -> Tensor:
         """Fit the proposal's Gaussian by maximum likelihood, then freeze it. Returns the final NLL."""
@@ -189,7 +446,8 @@ class BiCQLML(LightningModule):
         nll = torch.tensor(float("nan"))
         with torch.enable_grad():
             for _ in range(self.hparams.proposal_fit_steps):
-                idx = torch.randint(0, obs.shape[0], (min(batch_size, obs.shape[0]),), device=obs.device)
+                idx = torch.randint(0, obs.shape[0], (min(batch_size, obs.shape[0]),), device=obs.device,
+                                    generator=self._rng())
                 nll = self.proposal.nll(self.encoder(obs[idx]), actions[idx])
                 opt.zero_grad(set_to_none=True)
                 nll.backward()
@@ -207,18 +465,19 @@ class BiCQLML(LightningModule):
             index = batch["action"].long().view(1, -1, 1).expand(q_all.shape[0], -1, 1)
             return (q_all.gather(2, index).squeeze(2), losses.soft_value(q_all, self.hparams.temperature),
                     q_all.mean(2))
-        samples, log_prop = self.proposal.sample(obs, self.hparams.num_action_samples)  # (B, M, A), (B, M)
+        samples, log_prop = self._sample_actions(obs)  # (B, M, A), (B, M)
         actions = torch.cat([batch["action"].unsqueeze(1), samples], dim=1)  # (B, 1+M, A)
         q = net(obs, actions)  # (E, B, 1+M)
         value = losses.sampled_soft_value(q[..., 1:], log_prop, self.hparams.temperature)
         return q[..., 0], value, q[..., 1:].mean(2)
 
-    def _min_soft_value(self, net: QEnsemble, obs_raw: Tensor) -> Tensor:
+    def _min_soft_value(self, net: QEnsemble, obs_raw: Tensor, segments: Sequence[int] | None = None,
+                        generator: torch.Generator | None = None) -> Tensor:
         """Soft value of the twins' pointwise minimum, ``(B,)``: the pessimistic target."""
         obs = self.encoder(obs_raw)
         if self.discrete:
             return losses.soft_value(net(obs).min(0).values, self.hparams.temperature)
-        samples, log_prop = self.proposal.sample(obs, self.hparams.num_action_samples)
+        samples, log_prop = self._sample_actions(obs, segments, generator)
         q = net(obs, samples).min(0).values  # (B, M)
         return losses.sampled_soft_value(q, log_prop, self.hparams.temperature)
 
@@ -256,14 +515,20 @@ class BiCQLML(LightningModule):
         metrics["q/loss"] = (td + cql).detach()
         return td + cql, metrics
 
-    def reward_objective(self, pairs: Batch) -> tuple[Tensor, losses.Metrics]:
-        """Upper level: regress r_θ onto the soft advantage of the frozen Q."""
+    def reward_objective(self, pairs: Batch, segments: Sequence[int] | None = None) -> tuple[Tensor, losses.Metrics]:
+        """Upper level: regress r_θ onto the soft advantage of the frozen Q.
+
+        ``segments``: local sizes of the parts ``pairs`` concatenates (expert, offline), so
+        that proposal samples follow each part's global batch (see ``_sample_actions``).
+        """
         with torch.no_grad():
             q_data = self._min_q(pairs)
-            next_value = self._min_soft_value(self.q_net, pairs["next_obs"])
+            next_value = self._min_soft_value(self.q_net, pairs["next_obs"], segments)
             target = losses.soft_advantage(q_data, next_value, pairs["terminated"], self.hparams.gamma)
         reward = self.reward_net(pairs["obs"], pairs["action"])
-        return losses.reward_loss(reward, target)
+        loss, metrics = losses.reward_loss(reward, target)
+        metrics["_reward/sq_mean"] = reward.detach().float().pow(2).mean()  # for the global std under DDP
+        return loss, metrics
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Batch], batch_idx: int) -> None:
@@ -274,28 +539,31 @@ class BiCQLML(LightningModule):
         for _ in range(self.hparams.q_updates):
             self.toggle_optimizer(q_opt)
             loss, q_metrics = self.q_objective(offline, expert)
-            q_opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            q_opt.step()
+            self._update(q_opt, loss)
             self.untoggle_optimizer(q_opt)
         metrics.update(q_metrics)
 
-        pairs = _cat(expert, offline) if self.hparams.reward_on_offline else expert
+        if self.hparams.reward_on_offline:
+            pairs = _cat(expert, offline)
+            segments = (expert["obs"].shape[0], offline["obs"].shape[0])
+        else:
+            pairs, segments = expert, None
         for _ in range(self.hparams.reward_updates):
             self.toggle_optimizer(r_opt)
-            loss, r_metrics = self.reward_objective(pairs)
-            r_opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            r_opt.step()
+            loss, r_metrics = self.reward_objective(pairs, segments)
+            self._update(r_opt, loss)
             self.untoggle_optimizer(r_opt)
         metrics.update(r_metrics)
 
         self.updates += 1
         rate = self._updates_per_sec()
         if self.updates % (self.hparams.log_every_n_updates or self.trainer.log_every_n_steps) == 0:
-            metrics["train/updates_per_sec"] = rate
+            metrics["train/updates_per_sec"] = rate.to(self.device)
+            metrics = self._mean_over_ranks(metrics)  # the same numbers on every rank
             metrics["train/updates"] = torch.tensor(float(self.updates))
             self.log_dict(metrics, on_step=True, on_epoch=False)
+        else:
+            metrics.pop("_reward/sq_mean", None)
 
     @property
     def updates_per_sec(self) -> float:
@@ -320,11 +588,14 @@ class BiCQLML(LightningModule):
             q_all = self.q_net(obs).min(0).values
             value = losses.soft_value(q_all, self.hparams.temperature)
             accuracy = (q_all.argmax(1) == expert["action"].long()).float().mean()
-            self.log("val/expert_action_accuracy", accuracy)
+            self.log("val/expert_action_accuracy", accuracy, sync_dist=True)
         else:
-            value = self._min_soft_value(self.q_net, expert["obs"])
-        self.log("val/expert_nll", losses.expert_nll(value, q_data, self.hparams.temperature), prog_bar=True)
-        self.log("val/reward_mean", self.reward_net(expert["obs"], expert["action"]).mean())
+            value = self._min_soft_value(self.q_net, expert["obs"], generator=self._eval_generator())
+        # Every rank scores the same validation batch with the same weights: sync_dist
+        # averages equal numbers (and keeps Lightning's epoch-level logging consistent).
+        self.log("val/expert_nll", losses.expert_nll(value, q_data, self.hparams.temperature), prog_bar=True,
+                 sync_dist=True)
+        self.log("val/reward_mean", self.reward_net(expert["obs"], expert["action"]).mean(), sync_dist=True)
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
@@ -367,10 +638,17 @@ class BiCQLML(LightningModule):
             "reward_net": {"spaces": dict(self.spaces), "hidden_sizes": list(self.hparams.reward_hidden_sizes),
                            "reward_bound": float(self.hparams.reward_bound)},
         }
+        if self._generator is not None:
+            checkpoint[CHECKPOINT_KEY]["generator"] = self._generator.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_model(checkpoint, self.model_name)
-        self.updates = int(checkpoint[CHECKPOINT_KEY]["updates"])
+        info = checkpoint[CHECKPOINT_KEY]
+        self.updates = int(info["updates"])
+        if info.get("generator") is not None:
+            # Applied when the stream is (re)made on the training device (on_fit_start).
+            self._generator = None
+            self._pending_generator_state = info["generator"]
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):  # type: ignore[override]

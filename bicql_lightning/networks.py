@@ -150,12 +150,16 @@ class ActionProposal(nn.Module):
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     def _gaussian(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        mu, log_std = self.net(obs).chunk(2, dim=-1)
+        # The proposal is tiny and its densities feed log-sum-exps: always in the
+        # parameters' precision, never autocast to bf16/fp16.
+        dtype = self.net[0].weight.dtype
+        with torch.autocast(obs.device.type, enabled=False):
+            mu, log_std = self.net(obs.to(dtype)).chunk(2, dim=-1)
         return mu, log_std.clamp(-5.0, 2.0)  # (B, A) each
 
     def _log_prob_squashed(self, mu: Tensor, log_std: Tensor, unit: Tensor) -> Tensor:
         """log density of the squashed Gaussian at ``unit`` = actions in [-1, 1], (B, M, A)."""
-        unit = unit.clamp(-1 + _EDGE, 1 - _EDGE)
+        unit = unit.to(mu.dtype).clamp(-1 + _EDGE, 1 - _EDGE)
         u = torch.atanh(unit)
         z = (u - mu.unsqueeze(1)) / log_std.exp().unsqueeze(1)
         log_normal = -0.5 * z.pow(2) - log_std.unsqueeze(1) - 0.5 * math.log(2 * math.pi)
@@ -175,17 +179,38 @@ class ActionProposal(nn.Module):
             return log_uniform.expand_as(log_squashed)
         return torch.logaddexp(math.log(w) + log_uniform, math.log1p(-w) + log_squashed)
 
+    def draw_noise(self, num_states: int, num_samples: int, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The random numbers ``sample`` turns into actions, for ``num_states`` states.
+
+        Returns standard normals ``(N, M, A)``, uniforms on [0, 1) ``(N, M, A)`` and mixture
+        picks ``(N, M, 1)`` (uniforms compared with the uniform weight), drawn in this
+        order from ``generator`` in the parameters' dtype. Row ``i`` only ever feeds state
+        ``i``: drawing for a global batch and slicing rows gives every process the numbers
+        its share of the batch would get in a single-process run.
+        """
+        dtype = self.net[0].weight.dtype
+        device = self.action_half.device if device is None else device
+        shape = (num_states, num_samples, self.act_dim)
+        normal = torch.randn(shape, device=device, dtype=dtype, generator=generator)
+        uniform = torch.rand(shape, device=device, dtype=dtype, generator=generator)
+        pick = torch.rand(num_states, num_samples, 1, device=device, dtype=dtype, generator=generator)
+        return normal, uniform, pick
+
     @torch.no_grad()
-    def sample(self, obs: Tensor, num_samples: int,
-               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Draw ``M`` actions per state: ``(B, M, A)`` actions and ``(B, M)`` log densities."""
+    def sample(self, obs: Tensor, num_samples: int, generator: torch.Generator | None = None,
+               noise: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Draw ``M`` actions per state: ``(B, M, A)`` actions and ``(B, M)`` log densities.
+
+        ``noise`` (from :meth:`draw_noise`, one row per state) replaces drawing from
+        ``generator``.
+        """
         mu, log_std = self._gaussian(obs)
-        B = obs.shape[0]
-        noise = torch.randn(B, num_samples, self.act_dim, device=obs.device, dtype=mu.dtype, generator=generator)
-        squashed = torch.tanh(mu.unsqueeze(1) + log_std.exp().unsqueeze(1) * noise)
-        uniform = torch.rand(squashed.shape, device=obs.device, dtype=squashed.dtype, generator=generator) * 2 - 1
-        pick_uniform = torch.rand(B, num_samples, 1, device=obs.device, generator=generator) < self.uniform_weight
-        unit = torch.where(pick_uniform, uniform, squashed)
+        if noise is None:
+            noise = self.draw_noise(obs.shape[0], num_samples, generator, obs.device)
+        normal, uniform, pick = noise
+        squashed = torch.tanh(mu.unsqueeze(1) + log_std.exp().unsqueeze(1) * normal)
+        unit = torch.where(pick < self.uniform_weight, uniform * 2 - 1, squashed)
         actions = self.action_center + self.action_half * unit
         return actions, self.log_prob(obs, actions)
 

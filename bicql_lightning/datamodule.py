@@ -79,44 +79,29 @@ def shard_size(batch_size: int, world_size: int, name: str = "batch_size") -> in
     return batch_size // world_size
 
 
-class _Draw:
-    """Placeholder batch: the data module draws the real one when the step consumes it."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<draw a batch>"
-
-
-DRAW = _Draw()
-
 
 class _BatchStream:
     """An epoch of ``{"offline": batch, "expert": batch}`` dicts, sampled on the fly
     (or one fixed batch repeated, for validation). Not a list: Lightning would take a
     list for several dataloaders.
 
-    With ``deferred`` it yields :data:`DRAW` placeholders and the data module draws each
-    batch in ``on_before_batch_transfer``, when the training step consumes it: Lightning
-    fetches one batch ahead, and a batch drawn early would put the *next* step's draw
-    into a checkpoint saved at the end of this one (a resumed run would skip a batch).
-    It has no state of its own (the draws' state is the data module's), so it tells
-    Lightning it is resumable mid-epoch.
+    Each batch is drawn when Lightning asks for it: the stream is sized, so Lightning 2.x
+    does not fetch ahead, and a checkpoint saved after a step holds the sampler state
+    right after that step's draw. The stream has no state of its own (the draws' state
+    is the data module's, in the checkpoint), so it tells Lightning it can be resumed
+    mid-epoch: the resumed epoch draws exactly the batches the interrupted one would have.
     """
 
     def __init__(self, datamodule: OfflineIRLDataModule | None, length: int,
-                 fixed: dict[str, Any] | None = None, deferred: bool = False):
-        self.datamodule, self.length, self.fixed, self.deferred = datamodule, length, fixed, deferred
+                 fixed: dict[str, Any] | None = None):
+        self.datamodule, self.length, self.fixed = datamodule, length, fixed
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self):
         for _ in range(self.length):
-            if self.fixed is not None:
-                yield self.fixed
-            else:
-                yield DRAW if self.deferred else self.datamodule.sample_batch()
+            yield self.fixed if self.fixed is not None else self.datamodule.sample_batch()
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -305,13 +290,7 @@ class OfflineIRLDataModule(LightningDataModule):
                 "expert": self.expert_store.sample(hp.expert_batch_size or hp.batch_size, self._generator, *shards)}
 
     def train_dataloader(self):
-        # Under a Trainer the batches are drawn when consumed (see _BatchStream).
-        return _BatchStream(self, self.hparams.batches_per_epoch, deferred=self.trainer is not None)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, _Draw):
-            return self.sample_batch()
-        return batch
+        return _BatchStream(self, self.hparams.batches_per_epoch)
 
     def val_dataloader(self):
         # A fixed, seeded subset of D_E: the same validation batch every time.

@@ -19,7 +19,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from .datasets import DatasetError, Transitions, ensure_quickstart_datasets, load_transitions
+from .datasets import DatasetError, Transitions, ensure_quickstart_datasets, load_minari, load_transitions
 from .spaces import SpaceSpec, space_spec
 
 # Dataset ids the package can make on the spot from a built-in expert, with no download.
@@ -214,11 +214,15 @@ class OfflineIRLDataModule(LightningDataModule):
         return flat.mean(0).float(), std.float()
 
     def prepare_data(self) -> None:
+        # Lightning runs this on one process per node, then lets every process set up:
+        # datasets are made or downloaded once, never by several processes at a time.
         hp = self.hparams
         ids = [hp.expert_dataset] if isinstance(hp.expert_dataset, str) else list(hp.expert_dataset)
         if hp.offline_dataset is not None:
             ids += [hp.offline_dataset] if isinstance(hp.offline_dataset, str) else list(hp.offline_dataset)
         self._ensure_quickstart(ids)
+        for dataset_id in ids:
+            load_minari(dataset_id, download=hp.download)
 
     def setup(self, stage: str) -> None:
         self.load()

@@ -48,6 +48,12 @@ def _cat(a: Batch, b: Batch) -> Batch:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
+def _full(x: Tensor) -> Tensor:
+    """At least float32: network outputs computed in bf16/fp16 under autocast are promoted
+    before they enter log-sum-exps, targets and losses (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
@@ -461,13 +467,13 @@ class BiCQLML(LightningModule):
         """Q at the data actions, soft values and mean Q over all/sampled actions, each ``(E, B)``."""
         obs = self.encoder(batch["obs"])
         if self.discrete:
-            q_all = net(obs)  # (E, B, A)
+            q_all = _full(net(obs))  # (E, B, A)
             index = batch["action"].long().view(1, -1, 1).expand(q_all.shape[0], -1, 1)
             return (q_all.gather(2, index).squeeze(2), losses.soft_value(q_all, self.hparams.temperature),
                     q_all.mean(2))
         samples, log_prop = self._sample_actions(obs)  # (B, M, A), (B, M)
         actions = torch.cat([batch["action"].unsqueeze(1), samples], dim=1)  # (B, 1+M, A)
-        q = net(obs, actions)  # (E, B, 1+M)
+        q = _full(net(obs, actions))  # (E, B, 1+M)
         value = losses.sampled_soft_value(q[..., 1:], log_prop, self.hparams.temperature)
         return q[..., 0], value, q[..., 1:].mean(2)
 
@@ -476,24 +482,24 @@ class BiCQLML(LightningModule):
         """Soft value of the twins' pointwise minimum, ``(B,)``: the pessimistic target."""
         obs = self.encoder(obs_raw)
         if self.discrete:
-            return losses.soft_value(net(obs).min(0).values, self.hparams.temperature)
+            return losses.soft_value(_full(net(obs)).min(0).values, self.hparams.temperature)
         samples, log_prop = self._sample_actions(obs, segments, generator)
-        q = net(obs, samples).min(0).values  # (B, M)
+        q = _full(net(obs, samples)).min(0).values  # (B, M)
         return losses.sampled_soft_value(q, log_prop, self.hparams.temperature)
 
     def _min_q(self, batch: Batch) -> Tensor:
         obs = self.encoder(batch["obs"])
         if self.discrete:
-            q = self.q_net(obs).min(0).values
+            q = _full(self.q_net(obs)).min(0).values
             return q.gather(1, batch["action"].long().view(-1, 1)).squeeze(1)
-        return self.q_net(obs, batch["action"]).min(0).values
+        return _full(self.q_net(obs, batch["action"])).min(0).values
 
     # ------------------------------------------------------------------ objectives
     def q_objective(self, offline: Batch, expert: Batch) -> tuple[Tensor, losses.Metrics]:
         """Lower level: TD regression under the frozen reward plus the CQL penalty."""
         hp = self.hparams
         with torch.no_grad():
-            reward = self.reward_net(offline["obs"], offline["action"])
+            reward = _full(self.reward_net(offline["obs"], offline["action"]))
             next_value = self._min_soft_value(self.target_q_net, offline["next_obs"])
             target = losses.td_target(reward, next_value, offline["terminated"], hp.gamma)
         q_data, value, q_ood = self._q_and_value(self.q_net, offline)
@@ -525,7 +531,7 @@ class BiCQLML(LightningModule):
             q_data = self._min_q(pairs)
             next_value = self._min_soft_value(self.q_net, pairs["next_obs"], segments)
             target = losses.soft_advantage(q_data, next_value, pairs["terminated"], self.hparams.gamma)
-        reward = self.reward_net(pairs["obs"], pairs["action"])
+        reward = _full(self.reward_net(pairs["obs"], pairs["action"]))
         loss, metrics = losses.reward_loss(reward, target)
         metrics["_reward/sq_mean"] = reward.detach().float().pow(2).mean()  # for the global std under DDP
         return loss, metrics
@@ -585,7 +591,7 @@ class BiCQLML(LightningModule):
         obs = self.encoder(expert["obs"])
         q_data = self._min_q(expert)
         if self.discrete:
-            q_all = self.q_net(obs).min(0).values
+            q_all = _full(self.q_net(obs)).min(0).values
             value = losses.soft_value(q_all, self.hparams.temperature)
             accuracy = (q_all.argmax(1) == expert["action"].long()).float().mean()
             self.log("val/expert_action_accuracy", accuracy, sync_dist=True)

@@ -2,6 +2,11 @@
 
 ``bicql fit --config configs/quickstart.yaml`` trains; ``bicql fit --print_config``
 shows every hyperparameter; ``bicql dataset --help`` makes Minari datasets from a policy.
+
+Several GPUs or nodes: ``--trainer.strategy ddp`` with ``--trainer.devices`` and
+``--trainer.num_nodes`` (``data.batch_size`` is the global batch), under ``srun`` or
+``torchrun`` too; ``--ckpt_path last`` starts a run or resumes it. See docs/cluster.md,
+configs/cluster/ddp.yaml and scripts/slurm/train.sbatch.
 """
 
 from __future__ import annotations

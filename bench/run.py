@@ -1,0 +1,172 @@
+"""Run the MuJoCo imitation benchmark's cells (shared/BENCHMARK.md), resumably.
+
+    python -m bench.datasets --manifest ../shared/experts/experts.json --out DATA
+    python -m bench.run --manifest ../shared/experts/experts.json --data DATA \\
+        --tier quick --results bench/results/quick.jsonl
+
+Each cell (task, regime, N, algorithm, seed) trains through the same LightningModules,
+data module and YAML configs users get (``configs/bench/<algo>.yaml``, shared by every
+task), evaluates the final weights deterministically on reset seeds 10000..10009, and
+appends one JSON line to the results file. Cells already in the file are skipped, so a
+tier can be resumed or split across machines and merged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import yaml
+
+from bench.datasets import read_manifest
+from bicql_lightning import OfflineIRLDataModule, RolloutEvaluation, load_transitions
+
+ROOT = Path(__file__).resolve().parents[1]
+TIERS = {
+    "quick": {"seeds": [0], "cells": [("expert-only", 1), ("expert-only", 10), ("with-mixed", 1)],
+              "algos": ["bicql", "bc"]},
+    "full": {"seeds": [0, 1, 2], "cells": [("expert-only", 1), ("expert-only", 10), ("with-mixed", 1),
+                                           ("with-mixed", 10)], "algos": ["bicql", "bc", "iqlearn"]},
+}
+EVAL_SEEDS = (10000, 10)  # first seed, episodes
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in ("bicql-lightning", "torch", "lightning", "minari", "gymnasium", "mujoco", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def instantiate(spec: dict, **extra):
+    """A ``{class_path, init_args}`` block of a LightningCLI config."""
+    module_name, _, cls_name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(**{**spec.get("init_args", {}), **extra})
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+@torch.no_grad()
+def reward_correlation(model: pl.LightningModule, dataset_id: str) -> float | None:
+    """Pearson correlation of the learned reward with the true one on every transition."""
+    t = load_transitions(dataset_id)
+    obs = torch.as_tensor(t.observations, device=model.device)
+    act = torch.as_tensor(t.actions, device=model.device)
+    if hasattr(model, "reward_net"):
+        learned = model.reward_net(obs, act)
+    elif hasattr(model, "reward"):
+        learned = model.reward(obs, act, torch.as_tensor(t.next_observations, device=model.device),
+                               torch.as_tensor(t.terminations, device=model.device))
+    else:
+        return None
+    return pearson(learned.float().cpu().numpy().astype(np.float64), t.rewards.astype(np.float64))
+
+
+def run_cell(task, regime: str, n: int, algo: str, seed: int, config: dict) -> dict:
+    pl.seed_everything(seed, verbose=False)
+    data_args = dict(config.get("data", {}))
+    data_args.update(expert_dataset=task.dataset_id(f"expert-n{n}"),
+                     offline_dataset=None if regime == "expert-only" else task.dataset_id("mixed"),
+                     include_expert_in_offline=True, seed=seed)
+    dm = OfflineIRLDataModule(**data_args)
+    model = instantiate(config["model"], spaces=dm.spaces)
+    evaluation = RolloutEvaluation(every_n_updates=0, episodes=EVAL_SEEDS[1], seed=EVAL_SEEDS[0])
+    trainer_args = dict(config.get("trainer", {}))
+    callbacks = [instantiate(cb) for cb in trainer_args.pop("callbacks", [])] + [evaluation]
+    trainer = pl.Trainer(**trainer_args, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0)
+    start = time.perf_counter()
+    trainer.fit(model, dm)
+    wall = time.perf_counter() - start
+    result = evaluation.last
+    return {
+        "task": task.name, "env_id": task.env_id, "regime": regime, "N": n, "algo": algo, "seed": seed,
+        "normalized_score": result["normalized_score"], "return": result["return"],
+        "return_std": result["return_std"], "expert_return": result["expert_return"],
+        "random_return": result["random_return"],
+        "reward_corr_mixed": reward_correlation(model, task.dataset_id("mixed")),
+        "reward_corr_heldout": reward_correlation(model, task.dataset_id("heldout-expert")),
+        "updates": int(model.updates), "optimizer_steps": int(trainer.global_step), "wall_s": round(wall, 1),
+        "machine": machine(), "config": config, "versions": versions(), "commit": git_commit(),
+    }
+
+
+def cell_key(row: dict) -> tuple:
+    return row["task"], row["regime"], row["N"], row["algo"], row["seed"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--data", required=True, help="Minari root made by bench.datasets")
+    parser.add_argument("--tier", choices=sorted(TIERS), default="quick")
+    parser.add_argument("--results", required=True, help="JSON-lines file (appended to; resumable)")
+    parser.add_argument("--algos", nargs="*", default=None)
+    parser.add_argument("--tasks", nargs="*", default=None)
+    parser.add_argument("--configs", default=str(ROOT / "configs" / "bench"), help="folder of <algo>.yaml")
+    args = parser.parse_args(argv)
+    os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
+    tier = TIERS[args.tier]
+    tasks = [t for t in read_manifest(args.manifest) if args.tasks is None or t.name in args.tasks]
+    results = Path(args.results)
+    done = set()
+    if results.exists():
+        done = {cell_key(json.loads(line)) for line in results.read_text().splitlines() if line.strip()}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        for regime, n in tier["cells"]:
+            for algo in args.algos or tier["algos"]:
+                config = yaml.safe_load((Path(args.configs) / f"{algo}.yaml").read_text())
+                for seed in tier["seeds"]:
+                    if (task.name, regime, n, algo, seed) in done:
+                        continue
+                    row = run_cell(task, regime, n, algo, seed, config)
+                    with results.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    print(f"{task.name} {regime} N={n} {algo} seed={seed}: score={row['normalized_score']:.1f} "
+                          f"corr_mixed={row['reward_corr_mixed']} updates={row['updates']} wall={row['wall_s']}s",
+                          flush=True)
+
+
+if __name__ == "__main__":
+    main()

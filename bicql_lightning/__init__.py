@@ -1,8 +1,10 @@
 """bicql-lightning: BiCQL-ML offline inverse reinforcement learning for PyTorch Lightning."""
 
+from .bc import BehaviorCloning
 from .callbacks import RolloutEvaluation, TargetNetworkUpdate, normalized_score
 from .datamodule import OfflineIRLDataModule, TransitionStore
 from .datasets import DatasetError, Transitions, collect_dataset, evaluate_policy, load_transitions
+from .iqlearn import IQLearn
 from .module import BiCQLML
 from .networks import ActionProposal, EnsembleLinear, ObservationEncoder, QEnsemble, polyak_update
 from .reward import CheckpointError, LearnedRewardWrapper, RewardNet
@@ -11,7 +13,7 @@ from .spaces import SpaceSpec, space_spec
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActionProposal", "BiCQLML", "CheckpointError", "DatasetError", "EnsembleLinear",
+    "ActionProposal", "BehaviorCloning", "BiCQLML", "CheckpointError", "DatasetError", "EnsembleLinear", "IQLearn",
     "LearnedRewardWrapper", "ObservationEncoder", "OfflineIRLDataModule", "QEnsemble",
     "RewardNet", "RolloutEvaluation", "SpaceSpec", "TargetNetworkUpdate", "TransitionStore",
     "Transitions", "collect_dataset", "evaluate_policy", "load_transitions", "normalized_score",

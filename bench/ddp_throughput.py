@@ -12,7 +12,9 @@ setting trains the same algorithm; what changes is how the work is split:
 
     python -m bench.ddp_throughput --out bench/results/ddp_throughput.json
 
-Measure on an otherwise idle machine: the settings compete for the same cores.
+Measure on an otherwise idle machine: the settings compete for the same cores. The
+1-minute load average before and after each run is recorded with its figure; a load
+above ~0.5 at the start means something else was running.
 """
 
 from __future__ import annotations
@@ -102,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in args.cases:
         for name, processes, threads in SETTINGS:
+            load_before = os.getloadavg()[0]
             rate = run(case, processes, threads, args.updates, args.warmup, args.batch_size)
+            load_after = os.getloadavg()[0]
             results.append({"case": case, "setting": name, "processes": processes, "threads_per_process": threads,
-                            "updates_per_sec": round(rate, 2)})
-            print(f"{case:9s} {name:26s} {rate:8.1f} updates/s", flush=True)
+                            "updates_per_sec": round(rate, 2), "load_before": round(load_before, 2),
+                            "load_after": round(load_after, 2)})
+            print(f"{case:9s} {name:26s} {rate:8.1f} updates/s   (load {load_before:.2f} -> {load_after:.2f})",
+                  flush=True)
     if args.out is not None:
         import torch
 

@@ -118,7 +118,10 @@ class RewardNet(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, attribute: str = "reward_net") -> RewardNet:
-        """The reward network of a checkpoint written by ``BiCQLML`` (or ``IQLearn``), in one call."""
+        """The reward network of a checkpoint written by ``BiCQLML``, in one call.
+
+        (IQ-Learn keeps no reward network: its reward is ``IQLearn.reward``.)
+        """
         checkpoint = read_checkpoint(path)
         info = checkpoint[CHECKPOINT_KEY]
         if "reward_net" not in info:

@@ -479,8 +479,9 @@ class BehaviorCloning(_BaselineModule):
     validation: ``val/expert_nll``, ``val/expert_action_accuracy`` (Discrete),
     ``val/expert_action_mse`` (Box, unit-box coordinates).
 
-    No target network: do not configure :class:`~bicql_lightning.TargetNetworkUpdate`
-    for it (``setup`` refuses one with a clear error).
+    No target network: a configured :class:`~bicql_lightning.TargetNetworkUpdate` has
+    nothing to do and is skipped, so BiCQL-ML's configs can be reused with
+    ``--model bicql_lightning.BehaviorCloning``.
     """
 
     model_name = "BehaviorCloning"
@@ -527,16 +528,6 @@ class BehaviorCloning(_BaselineModule):
             self.policy = GaussianPolicy(spaces, hp.hidden_sizes, hp.distribution,
                                          (hp.log_std_min, hp.log_std_max))
         self.built = True
-
-    def setup(self, stage: str) -> None:
-        from .callbacks import TargetNetworkUpdate
-
-        if any(isinstance(cb, TargetNetworkUpdate) for cb in self.trainer.callbacks):
-            raise ValueError(
-                "BehaviorCloning has no target network, so TargetNetworkUpdate has nothing to "
-                "update: remove it from trainer.callbacks (configs written for BiCQLML list one)."
-            )
-        super().setup(stage)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.policy.parameters(), lr=self.hparams.lr,

@@ -312,9 +312,17 @@ def test_variants_train_on_the_offline_data(tiny, tmp_path, env):
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_bc_refuses_a_target_network_update_callback(tiny, tmp_path):
-    with pytest.raises(ValueError, match="no target network"):
-        fit(BehaviorCloning(hidden_sizes=[8]), tiny.ids("cartpole"), tmp_path, callbacks=[TargetNetworkUpdate()])
+def test_bc_trains_unchanged_under_a_configured_target_network_update(tiny, tmp_path):
+    # BiCQL-ML configs list a TargetNetworkUpdate; with BC it must be a no-op, not an error.
+    torch.manual_seed(0)
+    with_cb = BehaviorCloning(hidden_sizes=[8])
+    fit(with_cb, tiny.ids("cartpole"), tmp_path / "a", callbacks=[TargetNetworkUpdate()])
+    torch.manual_seed(0)
+    without = BehaviorCloning(hidden_sizes=[8])
+    fit(without, tiny.ids("cartpole"), tmp_path / "b")
+    assert with_cb.updates == without.updates == UPDATES
+    for p, q in zip(with_cb.parameters(), without.parameters()):
+        assert torch.equal(p, q)
 
 
 # ============================================================================ checkpoints

@@ -121,6 +121,8 @@ def runs(tiny_data, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINARI_DATASETS_PATH", str(tiny_data.root))
         mp.setattr(sys, "argv", ["bicql"])  # the command line is the args below, not pytest's
+        for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # seed_everything sets these: undo on exit
+            mp.setenv(var, os.environ.get(var, "0"))
         for env_name in ("cartpole", "pendulum"):
             out = root / f"{env_name}-1"
             out.mkdir()

@@ -3,6 +3,7 @@
 from .bc import BehaviorCloning
 from .callbacks import RolloutEvaluation, TargetNetworkUpdate, normalized_score
 from .datamodule import OfflineIRLDataModule, TransitionStore
+from .distributed import AtomicCheckpointIO
 from .datasets import DatasetError, Transitions, collect_dataset, evaluate_policy, load_transitions
 from .iqlearn import IQLearn
 from .module import BiCQLML
@@ -13,7 +14,7 @@ from .spaces import SpaceSpec, space_spec
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActionProposal", "BehaviorCloning", "BiCQLML", "CheckpointError", "DatasetError", "EnsembleLinear", "IQLearn",
+    "ActionProposal", "AtomicCheckpointIO", "BehaviorCloning", "BiCQLML", "CheckpointError", "DatasetError", "EnsembleLinear", "IQLearn",
     "LearnedRewardWrapper", "ObservationEncoder", "OfflineIRLDataModule", "QEnsemble",
     "RewardNet", "RolloutEvaluation", "SpaceSpec", "TargetNetworkUpdate", "TransitionStore",
     "Transitions", "collect_dataset", "evaluate_policy", "load_transitions", "normalized_score",

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .losses import Metrics
-from .module import AtomicCheckpointIO, _distributed, _flat_all_reduce_mean, _full
+from .distributed import AtomicCheckpointIO, all_reduce_mean_, full_precision, is_distributed
 from .networks import ObservationEncoder, mlp
 from .reward import CHECKPOINT_KEY, check_checkpoint_model, read_checkpoint
 from .spaces import SpaceSpec, check_spec
@@ -177,7 +177,7 @@ class GaussianPolicy(nn.Module):
         self.register_buffer("action_half", (high - low) / 2)
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        mean, raw = _full(self.net(obs)).chunk(2, dim=-1)
+        mean, raw = full_precision(self.net(obs)).chunk(2, dim=-1)
         lo, hi = self.log_std_bounds
         return mean, lo + 0.5 * (hi - lo) * (torch.tanh(raw) + 1.0)
 
@@ -294,7 +294,7 @@ class _BaselineModule(LightningModule):
         world_size, _ = self._world()
         if self._generator is None or self._generator.device != self.device:
             seed = self._default_seed()
-            if _distributed(world_size):
+            if is_distributed(world_size):
                 seed = self.trainer.strategy.broadcast(seed, src=0)  # one stream for all ranks
             self._make_generator(seed)
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -325,10 +325,10 @@ class _BaselineModule(LightningModule):
         with self._local_backward():
             self.manual_backward(loss)
         world_size, _ = self._world()
-        if _distributed(world_size):
+        if is_distributed(world_size):
             grads = [p.grad for group in optimizer.optimizer.param_groups for p in group["params"]
                      if p.grad is not None]
-            _flat_all_reduce_mean(grads, world_size)
+            all_reduce_mean_(grads, world_size)
         optimizer.step()
 
     def _optimizer_list(self) -> list:
@@ -348,11 +348,11 @@ class _BaselineModule(LightningModule):
     def _mean_over_ranks(self, metrics: Metrics) -> Metrics:
         """Metrics of the global batch: each rank's values averaged (equal shares), one all_reduce."""
         world_size, _ = self._world()
-        if not _distributed(world_size):
+        if not is_distributed(world_size):
             return metrics
         names = list(metrics)
         stacked = torch.stack([metrics[k].detach().float().reshape(()).to(self.device) for k in names])
-        _flat_all_reduce_mean([stacked], world_size)
+        all_reduce_mean_([stacked], world_size)
         return dict(zip(names, stacked.unbind()))
 
     def _finish_step(self, metrics: Metrics) -> None:
@@ -538,7 +538,7 @@ class BehaviorCloning(_BaselineModule):
         """Negative log-likelihood of ``batch``'s actions (cross-entropy for Discrete)."""
         obs = self.encoder(batch["obs"])
         if self.discrete:
-            return categorical_bc_loss(_full(self.policy(obs)), batch["action"])
+            return categorical_bc_loss(full_precision(self.policy(obs)), batch["action"])
         return self.policy.loss(obs, batch["action"])
 
     def training_step(self, batch: dict[str, Batch], batch_idx: int) -> None:

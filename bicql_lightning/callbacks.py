@@ -180,13 +180,15 @@ class RolloutEvaluation(Callback):
             self.evaluate(trainer, pl_module)
             if trainer.logger is not None:
                 trainer.logger.log_metrics(self._metrics(self.last), step=trainer.global_step)
+        # Only beside a logger's files: without a logger there is no run directory, and the
+        # user's working directory is not ours to write into. Trainer.log_dir is a broadcast
+        # under DDP, so every rank must ask for it, not rank 0 alone.
+        log_dir = trainer.log_dir if trainer.logger is not None else None
         if trainer.is_global_zero:
             print(self.summary(self.last), flush=True)
-            # Only beside a logger's files: without a logger there is no run directory,
-            # and the user's working directory is not ours to write into.
-            if trainer.logger is not None and trainer.log_dir is not None:
-                os.makedirs(trainer.log_dir, exist_ok=True)
-                with open(os.path.join(trainer.log_dir, "rollout_summary.json"), "w") as fh:
+            if log_dir is not None:
+                os.makedirs(log_dir, exist_ok=True)
+                with open(os.path.join(log_dir, "rollout_summary.json"), "w") as fh:
                     json.dump(self.last, fh, indent=2)
 
     def summary(self, result: dict[str, Any]) -> str:

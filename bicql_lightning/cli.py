@@ -1,7 +1,8 @@
 """The ``bicql`` command: LightningCLI for training, plus ``bicql dataset`` for data.
 
-``bicql fit --config configs/quickstart.yaml`` trains; ``bicql fit --print_config``
-shows every hyperparameter; ``bicql dataset --help`` makes Minari datasets from a policy.
+``bicql fit --config configs/quickstart.yaml`` trains BiCQL-ML; ``--model
+bicql_lightning.BehaviorCloning`` (or ``IQLearn``) trains a baseline on the same data;
+``bicql fit --print_config`` shows every hyperparameter; ``bicql dataset --help`` makes Minari datasets from a policy.
 
 Several GPUs or nodes: ``--trainer.strategy ddp`` with ``--trainer.devices`` and
 ``--trainer.num_nodes`` (``data.batch_size`` is the global batch), under ``srun`` or
@@ -13,17 +14,21 @@ from __future__ import annotations
 
 import sys
 
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from .datamodule import OfflineIRLDataModule
-from .module import BiCQLML
 
 
 class BiCQLCLI(LightningCLI):
+    """Any LightningModule of the collection (``--model bicql_lightning.BehaviorCloning``);
+    BiCQLML when the config names none."""
+
     def add_arguments_to_parser(self, parser) -> None:
         # The model's networks are sized from the data: the data module reads the
         # datasets' spaces and hands them over once instantiated.
-        parser.link_arguments("data.spaces", "model.spaces", apply_on="instantiate")
+        parser.link_arguments("data.spaces", "model.init_args.spaces", apply_on="instantiate")
+        parser.set_defaults({"model": {"class_path": "bicql_lightning.BiCQLML"}})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,8 +38,8 @@ def main(argv: list[str] | None = None) -> None:
 
         raise SystemExit(dataset_main(args[1:]))
     # The module owns its two optimizers (manual optimisation): no CLI-level optimizer.
-    BiCQLCLI(BiCQLML, OfflineIRLDataModule, args=argv, save_config_kwargs={"overwrite": True},
-             auto_configure_optimizers=False)
+    BiCQLCLI(LightningModule, OfflineIRLDataModule, subclass_mode_model=True, args=argv,
+             save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from torch import Tensor
 from . import losses
 from .bc import Batch, GaussianPolicy, _BaselineModule, frozen
 from .losses import Metrics
-from .module import _full
+from .distributed import full_precision
 from .networks import ObservationEncoder, QEnsemble
 from .spaces import SpaceSpec, check_spec
 
@@ -244,7 +244,7 @@ class IQLearn(_BaselineModule):
     # ------------------------------------------------------------------ values
     def _critic(self, net: QEnsemble, obs: Tensor, actions: Tensor | None = None) -> Tensor:
         """Critic outputs on encoded ``obs``: ``(E, B, A)`` (Discrete, all actions) or ``(E, B[, M])``."""
-        return _full(net(obs) if actions is None else net(obs, actions))
+        return full_precision(net(obs) if actions is None else net(obs, actions))
 
     def _q_data(self, net: QEnsemble, obs: Tensor, action: Tensor) -> Tensor:
         """Each critic's Q at the data actions, ``(E, B)``."""

@@ -19,24 +19,22 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from . import losses
+from .distributed import AtomicCheckpointIO, all_reduce_mean_, broadcast_, full_precision, is_distributed
 from .networks import ActionProposal, ObservationEncoder, QEnsemble
 from .reward import CHECKPOINT_KEY, RewardNet, check_checkpoint_model, read_checkpoint
 from .spaces import SpaceSpec, check_spec
@@ -46,107 +44,6 @@ Batch = dict[str, Tensor]
 
 def _cat(a: Batch, b: Batch) -> Batch:
     return {k: torch.cat([a[k], b[k]]) for k in a}
-
-
-def _full(x: Tensor) -> Tensor:
-    """At least float32: network outputs computed in bf16/fp16 under autocast are promoted
-    before they enter log-sum-exps, targets and losses (float64 stays float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _distributed(world_size: int) -> bool:
-    return world_size > 1 and dist.is_available() and dist.is_initialized()
-
-
-def _flat_all_reduce_mean(tensors: Sequence[Tensor], world_size: int) -> None:
-    """Average ``tensors`` over all processes in place: one flattened ``all_reduce`` per dtype."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # gloo has no AVG
-        flat.div_(world_size)
-        torch._foreach_copy_(group, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in group]), group)])
-
-
-def _flat_broadcast(tensors: Sequence[Tensor], src: int = 0) -> None:
-    """Copy rank ``src``'s ``tensors`` to every process: one flattened broadcast per dtype."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
-        flat = torch.cat([t.detach().reshape(-1) for t in group])
-        dist.broadcast(flat, src=src)
-        with torch.no_grad():
-            torch._foreach_copy_(group, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in group]), group)])
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint format, written so that a crash never costs the last good file.
-
-    Lightning 2.6's ``TorchCheckpointIO`` serialises into memory and hands the bytes to an
-    fsspec transaction, which writes them to ``tempfile.mkstemp()`` (the system temporary
-    directory) and ``shutil.move`` moves that onto the target: an atomic rename only when
-    the temporary directory and the checkpoint directory share a file system. On a
-    cluster they rarely do (node-local ``/tmp``, checkpoints on NFS/Lustre): the move then
-    truncates the existing ``last.ckpt`` and copies into it, so a job killed during the
-    copy leaves a truncated ``last.ckpt`` and nothing to resume from; nothing is fsynced
-    either. This plugin writes local checkpoints to a temporary file in the target's own
-    directory, fsyncs it, renames it over the target (``os.replace``) and fsyncs the directory:
-    the target is the old file or the complete new one, never a mixture. The temporary
-    file's name holds no ``last``, so ``ckpt_path="last"`` can never pick a partial one.
-    Remote paths (``s3://`` …) go through Lightning's own transaction unchanged.
-
-    ``BiCQLML`` installs it at ``setup`` when the trainer uses the default
-    ``TorchCheckpointIO``; a plugin given to the ``Trainer`` is left alone.
-    """
-
-    PARTIAL = re.compile(r"^\.partial-(\d+)-\d+\.ckpt-tmp$")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._count = 0
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
-            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
-        path = os.path.abspath(os.fspath(path))
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        self._remove_stale_partials(directory)
-        self._count += 1
-        tmp = os.path.join(directory, f".partial-{os.getpid()}-{self._count}.ckpt-tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        self._fsync_directory(directory)
-
-    @staticmethod
-    def _fsync_directory(directory: str) -> None:
-        with suppress(OSError):  # not every file system lets a directory be opened
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def _remove_stale_partials(self, directory: str) -> None:
-        """Remove temporary files that killed processes left behind (never one of ours)."""
-        with suppress(OSError):
-            for name in os.listdir(directory):
-                found = self.PARTIAL.match(name)
-                if found and int(found.group(1)) != os.getpid():
-                    with suppress(OSError):
-                        os.unlink(os.path.join(directory, name))
 
 
 class BiCQLML(LightningModule):
@@ -327,24 +224,24 @@ class BiCQLML(LightningModule):
         with self._local_backward():
             self.manual_backward(loss)
         world_size, _ = self._world()
-        if _distributed(world_size):
+        if is_distributed(world_size):
             # Exactly the parameters this optimizer steps. Which ones have a gradient is
             # decided by the (data-independent) graph, so it is the same on every rank.
             grads = [p.grad for group in optimizer.optimizer.param_groups for p in group["params"]
                      if p.grad is not None]
-            _flat_all_reduce_mean(grads, world_size)
+            all_reduce_mean_(grads, world_size)
         optimizer.step()
 
     def _mean_over_ranks(self, metrics: losses.Metrics) -> losses.Metrics:
         """Metrics of the global batch: each rank's values averaged (equal shares), one all_reduce."""
         world_size, _ = self._world()
         sq_mean = metrics.pop("_reward/sq_mean", None)
-        if not _distributed(world_size):
+        if not is_distributed(world_size):
             return metrics
         names = list(metrics) + (["_sq"] if sq_mean is not None else [])
         values = [metrics[k] for k in metrics] + ([sq_mean] if sq_mean is not None else [])
         stacked = torch.stack([v.detach().float().reshape(()).to(self.device) for v in values])
-        _flat_all_reduce_mean([stacked], world_size)
+        all_reduce_mean_([stacked], world_size)
         out = dict(zip(names, stacked.unbind()))
         if sq_mean is not None and "reward/mean" in out:
             # The global standard deviation, not the mean of the ranks' ones.
@@ -424,7 +321,7 @@ class BiCQLML(LightningModule):
         world_size, _ = self._world()
         if self._generator is None or self._generator.device != self.device:
             seed = self._default_seed()
-            if _distributed(world_size):
+            if is_distributed(world_size):
                 seed = self.trainer.strategy.broadcast(seed, src=0)  # one stream for all ranks
             self._make_generator(seed)
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -437,10 +334,10 @@ class BiCQLML(LightningModule):
                 raise ValueError("Fitting the Box-action proposal needs the data module's transitions.")
             obs, actions = datamodule.proposal_pairs(self.hparams.proposal_data)
             self.fit_proposal(obs, actions)
-            if _distributed(world_size):
+            if is_distributed(world_size):
                 # Every rank fitted the same data with the same stream; make the copies
                 # identical even where a device's kernels are not bit-reproducible.
-                _flat_broadcast(list(self.proposal.parameters()), src=0)
+                broadcast_(list(self.proposal.parameters()), src=0)
 
     def fit_proposal(self, obs: Tensor, actions: Tensor, batch_size: int = 256) -> Tensor:
         """Fit the proposal's Gaussian by maximum likelihood, then freeze it. Returns the final NLL."""
@@ -467,13 +364,13 @@ class BiCQLML(LightningModule):
         """Q at the data actions, soft values and mean Q over all/sampled actions, each ``(E, B)``."""
         obs = self.encoder(batch["obs"])
         if self.discrete:
-            q_all = _full(net(obs))  # (E, B, A)
+            q_all = full_precision(net(obs))  # (E, B, A)
             index = batch["action"].long().view(1, -1, 1).expand(q_all.shape[0], -1, 1)
             return (q_all.gather(2, index).squeeze(2), losses.soft_value(q_all, self.hparams.temperature),
                     q_all.mean(2))
         samples, log_prop = self._sample_actions(obs)  # (B, M, A), (B, M)
         actions = torch.cat([batch["action"].unsqueeze(1), samples], dim=1)  # (B, 1+M, A)
-        q = _full(net(obs, actions))  # (E, B, 1+M)
+        q = full_precision(net(obs, actions))  # (E, B, 1+M)
         value = losses.sampled_soft_value(q[..., 1:], log_prop, self.hparams.temperature)
         return q[..., 0], value, q[..., 1:].mean(2)
 
@@ -482,24 +379,24 @@ class BiCQLML(LightningModule):
         """Soft value of the twins' pointwise minimum, ``(B,)``: the pessimistic target."""
         obs = self.encoder(obs_raw)
         if self.discrete:
-            return losses.soft_value(_full(net(obs)).min(0).values, self.hparams.temperature)
+            return losses.soft_value(full_precision(net(obs)).min(0).values, self.hparams.temperature)
         samples, log_prop = self._sample_actions(obs, segments, generator)
-        q = _full(net(obs, samples)).min(0).values  # (B, M)
+        q = full_precision(net(obs, samples)).min(0).values  # (B, M)
         return losses.sampled_soft_value(q, log_prop, self.hparams.temperature)
 
     def _min_q(self, batch: Batch) -> Tensor:
         obs = self.encoder(batch["obs"])
         if self.discrete:
-            q = _full(self.q_net(obs)).min(0).values
+            q = full_precision(self.q_net(obs)).min(0).values
             return q.gather(1, batch["action"].long().view(-1, 1)).squeeze(1)
-        return _full(self.q_net(obs, batch["action"])).min(0).values
+        return full_precision(self.q_net(obs, batch["action"])).min(0).values
 
     # ------------------------------------------------------------------ objectives
     def q_objective(self, offline: Batch, expert: Batch) -> tuple[Tensor, losses.Metrics]:
         """Lower level: TD regression under the frozen reward plus the CQL penalty."""
         hp = self.hparams
         with torch.no_grad():
-            reward = _full(self.reward_net(offline["obs"], offline["action"]))
+            reward = full_precision(self.reward_net(offline["obs"], offline["action"]))
             next_value = self._min_soft_value(self.target_q_net, offline["next_obs"])
             target = losses.td_target(reward, next_value, offline["terminated"], hp.gamma)
         q_data, value, q_ood = self._q_and_value(self.q_net, offline)
@@ -531,7 +428,7 @@ class BiCQLML(LightningModule):
             q_data = self._min_q(pairs)
             next_value = self._min_soft_value(self.q_net, pairs["next_obs"], segments)
             target = losses.soft_advantage(q_data, next_value, pairs["terminated"], self.hparams.gamma)
-        reward = _full(self.reward_net(pairs["obs"], pairs["action"]))
+        reward = full_precision(self.reward_net(pairs["obs"], pairs["action"]))
         loss, metrics = losses.reward_loss(reward, target)
         metrics["_reward/sq_mean"] = reward.detach().float().pow(2).mean()  # for the global std under DDP
         return loss, metrics
@@ -591,7 +488,7 @@ class BiCQLML(LightningModule):
         obs = self.encoder(expert["obs"])
         q_data = self._min_q(expert)
         if self.discrete:
-            q_all = _full(self.q_net(obs)).min(0).values
+            q_all = full_precision(self.q_net(obs)).min(0).values
             value = losses.soft_value(q_all, self.hparams.temperature)
             accuracy = (q_all.argmax(1) == expert["action"].long()).float().mean()
             self.log("val/expert_action_accuracy", accuracy, sync_dist=True)

@@ -22,7 +22,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from bicql_lightning import BiCQLML
-from bicql_lightning.module import AtomicCheckpointIO
+from bicql_lightning.distributed import AtomicCheckpointIO
 
 TESTS = Path(__file__).resolve().parent
 UPDATES_PER_EPOCH, EPOCHS = 6, 2  # 12 updates, 24 optimizer steps
@@ -154,7 +154,7 @@ def test_a_mid_epoch_resume_is_not_flagged_as_unreliable(runs):
 CRASH_WHILE_WRITING = textwrap.dedent("""
     import io, os, signal, sys
     import torch
-    from bicql_lightning.module import AtomicCheckpointIO
+    from bicql_lightning.distributed import AtomicCheckpointIO
 
     real_save = torch.save
 

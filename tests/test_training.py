@@ -364,7 +364,8 @@ def test_cli_fit_quickstart_config_made_tiny_trains_and_prints_the_summary(tiny,
     assert BiCQLML.load_from_checkpoint(checkpoints[0]).updates == UPDATES
     assert json.loads((version / "rollout_summary.json").read_text())["return"] == ret
     saved = yaml.safe_load((version / "config.yaml").read_text())
-    assert saved["data"]["expert_dataset"] == tiny.cartpole_expert and saved["model"]["hidden_sizes"] == [32, 32]
+    assert saved["data"]["expert_dataset"] == tiny.cartpole_expert
+    assert saved["model"]["init_args"]["hidden_sizes"] == [32, 32]
     assert not (tmp_path / "lightning_logs").exists()  # the quickstart's default_root_dir was overridden
 
 
@@ -377,8 +378,22 @@ def test_cli_print_config_shows_every_model_and_data_argument(tmp_path):
                   if n not in ("self", "spaces")}
     data_args = {n: p.default for n, p in inspect.signature(OfflineIRLDataModule.__init__).parameters.items()
                  if n != "self"}
-    assert config["model"] == model_args
+    assert config["model"]["class_path"] == "bicql_lightning.BiCQLML"
+    assert config["model"]["init_args"] == model_args
     assert config["data"] == data_args
+
+
+def test_cli_trains_a_baseline_from_a_bicql_config(tiny, tmp_path):
+    # The same data and config with another model of the collection: behaviour cloning.
+    run = bicql(["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--model", "bicql_lightning.BehaviorCloning",
+                 "--model.hidden_sizes", "[16]", "--data.expert_dataset", tiny.cartpole_expert,
+                 "--data.offline_dataset", "null", "--data.batch_size", "16", "--data.batches_per_epoch", "10",
+                 "--data.val_size", "16", "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path)],
+                cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "normalised score" in run.stdout
+    saved = yaml.safe_load(next(tmp_path.rglob("config.yaml")).read_text())
+    assert saved["model"]["class_path"] == "bicql_lightning.BehaviorCloning"
 
 
 def test_cli_rejects_a_misspelt_option_naming_it(tmp_path):

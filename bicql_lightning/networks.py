@@ -18,6 +18,12 @@ from .spaces import SpaceSpec
 
 # Keeps atanh finite for actions on the box's faces.
 _EDGE = 1e-6
+# Data actions are pulled this far inside the box before the proposal is fitted. Experts
+# often act on the box's faces (45% of the hopper expert's action components), where
+# atanh is unbounded: a few saturated actions then drag the fitted mean far off. Measured
+# on hopper with one expert episode (proposal mode as the policy, 5 episodes): normalised
+# score 35 with 1e-6, 98 with 0.05.
+FIT_EDGE = 0.05
 
 
 class EnsembleLinear(nn.Module):
@@ -221,8 +227,9 @@ class ActionProposal(nn.Module):
         return self.action_center + self.action_half * torch.tanh(mu)
 
     def nll(self, obs: Tensor, actions: Tensor) -> Tensor:
-        """Mean negative log-likelihood of data actions under the squashed Gaussian alone."""
-        unit = (actions - self.action_center) / self.action_half
+        """Mean negative log-likelihood of data actions under the squashed Gaussian alone
+        (actions on or near the box's faces moved ``FIT_EDGE`` inside it)."""
+        unit = ((actions - self.action_center) / self.action_half).clamp(-1 + FIT_EDGE, 1 - FIT_EDGE)
         mu, log_std = self._gaussian(obs)
         return -self._log_prob_squashed(mu, log_std, unit.unsqueeze(1)).mean()
 

@@ -1,24 +1,25 @@
 """Tabular sanity benchmark: BiCQL-ML against exact answers on small MDPs.
 
 On the deterministic 8x8 gridworld and Garnet MDPs (seeds 0.., S 20..50, A 4..5,
-branching 3) of :mod:`bicql_lightning.tabular`, with gamma and temperature shared by the
-expert and the learner, this script
+branching 3) of :mod:`bicql_lightning.tabular`, with gamma (0.9) and temperature (1.0)
+shared by the expert and the learner, this script
 
 1. solves each MDP exactly (soft value iteration) and writes 100 (the largest N)
    episodes of the Boltzmann expert pi* as a Minari dataset with ``collect_dataset``
-   (in a temporary Minari root unless ``--minari-root``), optionally uniform-random
-   episodes as offline data;
+   (in a temporary Minari root unless ``--minari-root``), and ``--offline-episodes``
+   (default 100; 0 for the expert-only setting) uniform-random episodes as offline data;
 2. trains ``BiCQLML`` through ``OfflineIRLDataModule`` (one-hot states) on the first N
-   expert episodes, for each N of ``--episodes``;
+   expert episodes plus the offline data, for each N of ``--episodes``;
 3. scores the learned reward table and the Boltzmann(Q) policy exactly
    (:class:`bicql_lightning.tabular_metrics.TabularTask`), next to behaviour cloning by
    counts (prior 0.5; its implied reward T log pi_bc for reward_dist) and the trivial
    rewards (zero, i.i.d. normal) for reward_dist and EPIC.
 
-Prints one line per case and N and a summary line per N (means over cases)::
+Prints one line per case and N and a summary line per N (means over cases). The
+defaults are the settings tuned in ``bench/results/tabular_tuning.txt``::
 
-    python -m bench.tabular --out bench/results/tabular.txt
-    python -m bench.tabular --quick            # CI-sized: gridworld + 2 Garnets, N=10
+    python -m bench.tabular --out bench/results/tabular.txt   # ~7-10 min on 2 busy cores
+    python -m bench.tabular --quick                            # CI-sized: gridworld + 2 Garnets, N=10
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import logging
 
+    import lightning.pytorch  # noqa: F401 - imported first: it resets its loggers' levels on import
     import torch
 
     torch.set_num_threads(1)  # tiny networks: one thread is fastest on a shared CPU

@@ -10,6 +10,7 @@ from .module import BiCQLML
 from .networks import ActionProposal, EnsembleLinear, ObservationEncoder, QEnsemble, polyak_update
 from .reward import CheckpointError, LearnedRewardWrapper, RewardNet
 from .spaces import SpaceSpec, space_spec
+from . import tabular  # noqa: F401 - registers the tabular MDPs' Gymnasium ids
 
 __version__ = "0.1.0"
 

@@ -123,7 +123,8 @@ def collect_dataset(dataset_id: str, env: EnvLike, policy: Union[Policy, Sequenc
     """Roll out ``policy`` for ``num_episodes`` episodes and save them as a local Minari dataset.
 
     Episode ``k`` resets the env with ``episode_seeds[k]`` (default ``seed + k``) and gives
-    the policy ``np.random.default_rng(episode_seeds[k])``, so the data is a pure function
+    the policy a generator seeded from ``episode_seeds[k]`` (a child of its ``SeedSequence``,
+    independent of the environment's own stream), so the data is a pure function
     of the seeds. ``policy`` may also be a sequence holding one policy per episode.
     ``ref_min_score`` defaults to the mean return of random actions on seeds 10000..10009
     when only ``ref_max_score`` is given. Raises :class:`DatasetError` if the id exists and

@@ -237,10 +237,16 @@ def check_action(action: Any, space: gym.Space, where: str = "") -> Any:
 def rollout(env: gym.Env, policy: Policy, seed: int, where: str = "episode") -> Dict[str, Any]:
     """Run one validated episode with env and policy rng both seeded by ``seed``.
 
+    The policy's generator is a child of ``SeedSequence(seed)``, not ``default_rng(seed)``:
+    Gymnasium seeds the environment's own generator with exactly that stream, and a policy
+    drawing the same numbers as a stochastic environment reuses the number that picked
+    the current state (measured on a tabular MDP: an expert action of probability 0.13
+    was never taken in 190 visits).
+
     Returns ``observations`` (T+1 stacked), ``actions`` (T stacked) and the lists
     ``rewards``, ``terminations``, ``truncations``.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed)).spawn(1)[0])
     obs, _ = env.reset(seed=int(seed))
     observations, actions, rewards, terms, truncs = [np.asarray(obs)], [], [], [], []
     done = False

@@ -81,18 +81,18 @@ def test_expert_batch_size_defaults_to_batch_size(tiny):
 # ----------------------------------------------------------------------------- which transitions
 def test_expert_episodes_keeps_exactly_the_first_episodes(tiny):
     episodes = list(minari.load_dataset(tiny.cartpole_mixed).iterate_episodes())
-    assert [len(ep.rewards) for ep in episodes] == [60, 50, 42, 32]  # unequal lengths: the cut is visible
+    assert [len(ep.rewards) for ep in episodes] == [60, 60, 60, 25]  # unequal lengths: the cut is visible
     dm = make_dm(tiny.cartpole_mixed, None, expert_episodes=2)
     dm.setup("fit")
     t = dm.expert_store.tensors
-    assert len(dm.expert_store) == 110
+    assert len(dm.expert_store) == 120
     np.testing.assert_array_equal(t["obs"].numpy(), np.concatenate([ep.observations[:-1] for ep in episodes[:2]]))
     np.testing.assert_array_equal(t["next_obs"].numpy(), np.concatenate([ep.observations[1:] for ep in episodes[:2]]))
     np.testing.assert_array_equal(t["action"].numpy(), np.concatenate([ep.actions for ep in episodes[:2]]))
     np.testing.assert_array_equal(t["reward"].numpy(), np.concatenate([ep.rewards for ep in episodes[:2]]))
     np.testing.assert_array_equal(t["terminated"].numpy(),
                                   np.concatenate([ep.terminations for ep in episodes[:2]]).astype(np.float32))
-    assert t["terminated"].sum() == 1  # episode 0 reached the 60-step cap, episode 1 fell
+    assert t["terminated"].sum() == sum(int(ep.terminations.sum()) for ep in episodes[:2])
 
 
 def test_without_offline_dataset_the_offline_data_is_the_expert_data(tiny):
@@ -108,12 +108,12 @@ def test_include_expert_in_offline_appends_the_expert_transitions(tiny, include)
     dm = make_dm(tiny.cartpole_expert, tiny.cartpole_mixed, include_expert_in_offline=include)
     dm.setup("fit")
     assert len(dm.expert_store) == 180
-    assert len(dm.offline_store) == (184 + 180 if include else 184)
+    assert len(dm.offline_store) == (205 + 180 if include else 205)
     offline = load_transitions(tiny.cartpole_mixed)
-    np.testing.assert_array_equal(dm.offline_store.tensors["obs"][:184].numpy(), offline.observations)
+    np.testing.assert_array_equal(dm.offline_store.tensors["obs"][:205].numpy(), offline.observations)
     if include:
-        assert torch.equal(dm.offline_store.tensors["obs"][184:], dm.expert_store.tensors["obs"])
-        assert torch.equal(dm.offline_store.tensors["action"][184:], dm.expert_store.tensors["action"])
+        assert torch.equal(dm.offline_store.tensors["obs"][205:], dm.expert_store.tensors["obs"])
+        assert torch.equal(dm.offline_store.tensors["action"][205:], dm.expert_store.tensors["action"])
 
 
 # ----------------------------------------------------------------------------- statistics

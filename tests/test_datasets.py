@@ -55,23 +55,23 @@ def test_collect_and_load_round_trip(minari_root: Path) -> None:
     assert (minari_root / "tst" / "cart-v0" / "data").is_dir()
     episodes = list(ds.iterate_episodes())
     lengths = [len(ep.rewards) for ep in episodes]
-    assert lengths == [95, 145, 60]
+    assert lengths == [15, 182, 95]
     assert [bool(ep.terminations[-1]) for ep in episodes] == [True, True, True]
     assert [ep["seed"] for ep in ds.storage.get_episode_metadata(range(3))] == [0, 1, 2]
 
     tr = load_transitions("tst/cart-v0")
     n = sum(lengths)
-    assert len(tr) == n == 300 and tr.num_episodes == 3 and tr.dataset_ids == ["tst/cart-v0"]
+    assert len(tr) == n == 292 and tr.num_episodes == 3 and tr.dataset_ids == ["tst/cart-v0"]
     assert tr.observations.shape == tr.next_observations.shape == (n, 4)
     assert tr.observations.dtype == np.float32
     assert tr.actions.shape == (n,) and tr.actions.dtype == np.int64
     assert set(np.unique(tr.actions)) <= {0, 1}
-    assert tr.rewards.dtype == np.float32 and tr.rewards.sum() == pytest.approx(300.0)
+    assert tr.rewards.dtype == np.float32 and tr.rewards.sum() == pytest.approx(292.0)
     assert tr.terminations.dtype == bool and tr.terminations.sum() == 3
     assert not tr.truncations.any()
     ends = np.cumsum(lengths) - 1
     assert np.flatnonzero(tr.terminations).tolist() == ends.tolist()
-    assert np.flatnonzero(tr.episode_starts).tolist() == [0, 95, 240]
+    assert np.flatnonzero(tr.episode_starts).tolist() == [0, 15, 197]
     assert np.bincount(tr.episode_ids).tolist() == lengths
     # next_obs is the following observation inside an episode, and the stored T+1-th one at the end.
     inside = np.setdiff1d(np.arange(n - 1), ends)
@@ -113,7 +113,7 @@ def test_first_n_episodes_over_concatenation() -> None:
     np.testing.assert_array_equal(both.actions[len(x):], y.actions[:first_y])
     assert np.unique(both.episode_ids).tolist() == [0, 1, 2, 3]
     two = load_transitions("tst/x-v0", num_episodes=2)
-    assert len(two) == 95 + 145
+    assert len(two) == 15 + 182
     with pytest.raises(DatasetError, match="asked for 6 episodes .* hold 5 episodes"):
         load_transitions(["tst/x-v0", "tst/y-v0"], num_episodes=6)
     with pytest.raises(DatasetError, match="asked for 0 episodes"):
@@ -240,9 +240,9 @@ def test_quickstart_is_created_once(minari_root: Path) -> None:
     mtimes = [f.stat().st_mtime_ns for f in files]
     expert, mixed = load_transitions(ids["expert"]), load_transitions(ids["offline"])
     assert (expert.num_episodes, len(expert)) == (10, 5000)
-    assert (mixed.num_episodes, len(mixed)) == (50, 12075)
+    assert (mixed.num_episodes, len(mixed)) == (50, 12757)
     assert expert.ref_max_score == mixed.ref_max_score == 500.0
-    assert expert.ref_min_score == mixed.ref_min_score == pytest.approx(25.4)
+    assert expert.ref_min_score == mixed.ref_min_score == pytest.approx(27.8)
     # Early mixed episodes are near-expert, late ones near-random.
     returns = np.bincount(mixed.episode_ids, weights=mixed.rewards)
     assert returns[:5].mean() > 400 and returns[-5:].mean() < 60

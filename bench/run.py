@@ -17,7 +17,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import subprocess
 import time
 from importlib import metadata
@@ -29,6 +28,7 @@ import torch
 import yaml
 
 from bench.datasets import read_manifest
+from bench.machine import machine
 from bicql_lightning import OfflineIRLDataModule, RolloutEvaluation, load_transitions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,19 +39,6 @@ TIERS = {
                                            ("with-mixed", 10)], "algos": ["bicql", "bc", "iqlearn"]},
 }
 EVAL_SEEDS = (10000, 10)  # first seed, episodes
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}"
 
 
 def git_commit() -> str:

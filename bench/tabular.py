@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -34,18 +33,10 @@ import time
 import warnings
 from pathlib import Path
 
+from bench.machine import cpu_model
+
 import gymnasium as gym
 import numpy as np
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cases(num_garnets: int, garnet_states: tuple[int, int], quick: bool) -> list[tuple[str, str, dict]]:

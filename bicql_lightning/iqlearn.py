@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from . import losses
-from .bc import Batch, GaussianPolicy, _BaselineModule, frozen
+from .base import OfflineModule
+from .bc import Batch, GaussianPolicy, frozen
 from .losses import Metrics
 from .distributed import full_precision
 from .networks import ObservationEncoder, QEnsemble
@@ -112,7 +113,7 @@ def actor_loss(q: Tensor, log_pi: Tensor, temperature: float) -> tuple[Tensor, M
 
 
 # ============================================================================ the module
-class IQLearn(_BaselineModule):
+class IQLearn(OfflineModule):
     r"""Offline IQ-Learn with the :math:`\chi^2` regulariser (see the module docstring).
 
     Args:

@@ -18,25 +18,20 @@ fixed proposal fitted to data before training.
 from __future__ import annotations
 
 import copy
-import os
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 
 from . import losses
+from .base import OfflineModule
 from .distributed import AtomicCheckpointIO, all_reduce_mean_, broadcast_, full_precision, is_distributed
 from .networks import ActionProposal, ObservationEncoder, QEnsemble
-from .reward import CHECKPOINT_KEY, RewardNet, check_checkpoint_model, read_checkpoint
+from .reward import RewardNet
 from .spaces import SpaceSpec, check_spec
 
 Batch = dict[str, Tensor]
@@ -46,7 +41,7 @@ def _cat(a: Batch, b: Batch) -> Batch:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
-class BiCQLML(LightningModule):
+class BiCQLML(OfflineModule):
     """Offline inverse RL by bi-level conservative Q-learning and maximum likelihood.
 
     Args:
@@ -99,6 +94,14 @@ class BiCQLML(LightningModule):
     """
 
     model_name = "BiCQLML"
+    seed_hparam = "proposal_seed"
+
+    def _checkpoint_info(self) -> dict[str, Any]:
+        # RewardNet.from_checkpoint rebuilds the reward network from this entry alone.
+        info = super()._checkpoint_info()
+        info["reward_net"] = {"spaces": dict(self.spaces), "hidden_sizes": list(self.hparams.reward_hidden_sizes),
+                              "reward_bound": float(self.hparams.reward_bound)}
+        return info
 
     def __init__(
         self,
@@ -142,13 +145,7 @@ class BiCQLML(LightningModule):
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"gamma must be in [0, 1), got {gamma}")
         self.save_hyperparameters()
-        self.automatic_optimization = False
-        self.updates = 0  # training steps done; Lightning's global_step counts optimizer steps
-        self._rate_mark: tuple[float, int] | None = None
-        self._rate = torch.tensor(0.0)
-        self.built = False
-        self._generator: torch.Generator | None = None
-        self._pending_generator_state: Tensor | None = None
+        self._init_state()
         if spaces is not None:
             self._build(check_spec(dict(spaces)))
 
@@ -201,37 +198,6 @@ class BiCQLML(LightningModule):
             strategy.checkpoint_io = AtomicCheckpointIO()
 
     # ------------------------------------------------------------------ distributed
-    def _world(self) -> tuple[int, int]:
-        """``(world_size, global_rank)``; ``(1, 0)`` outside a Trainer."""
-        trainer = self._trainer
-        if trainer is None:
-            return 1, 0
-        return trainer.world_size, trainer.global_rank
-
-    @contextmanager
-    def _local_backward(self) -> Iterator[None]:
-        """Backward without DDP's gradient hooks: gradients stay local until averaged."""
-        model = self._trainer.strategy.model if self._trainer is not None else None
-        if isinstance(model, DistributedDataParallel):
-            with model.no_sync():
-                yield
-        else:
-            yield
-
-    def _update(self, optimizer, loss: Tensor) -> None:
-        """One optimizer update: local backward, gradients averaged over ranks, step."""
-        optimizer.zero_grad(set_to_none=True)
-        with self._local_backward():
-            self.manual_backward(loss)
-        world_size, _ = self._world()
-        if is_distributed(world_size):
-            # Exactly the parameters this optimizer steps. Which ones have a gradient is
-            # decided by the (data-independent) graph, so it is the same on every rank.
-            grads = [p.grad for group in optimizer.optimizer.param_groups for p in group["params"]
-                     if p.grad is not None]
-            all_reduce_mean_(grads, world_size)
-        optimizer.step()
-
     def _mean_over_ranks(self, metrics: losses.Metrics) -> losses.Metrics:
         """Metrics of the global batch: each rank's values averaged (equal shares), one all_reduce."""
         world_size, _ = self._world()
@@ -249,32 +215,6 @@ class BiCQLML(LightningModule):
         return out
 
     # ------------------------------------------------------------------ random stream
-    def _default_seed(self) -> int:
-        if self.hparams.proposal_seed is not None:
-            return int(self.hparams.proposal_seed)
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-    def _rng(self) -> torch.Generator:
-        """The module's random stream, on the module's device (made on first use)."""
-        if self._generator is None or self._generator.device != self.device:
-            self._make_generator(self._default_seed())
-        return self._generator
-
-    def _make_generator(self, seed: int) -> None:
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed)
-        pending, self._pending_generator_state = self._pending_generator_state, None
-        if pending is not None:
-            if pending.numel() == generator.get_state().numel():
-                generator.set_state(pending)
-            else:
-                rank_zero_warn(
-                    f"The checkpoint's random stream was saved on another kind of device; on "
-                    f"{self.device.type} it restarts from seed {seed} (training continues, but "
-                    "not bit for bit as it would have on the original device)."
-                )
-        self._generator = generator
-
     def _sample_actions(self, obs: Tensor, segments: Sequence[int] | None = None,
                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Proposal samples for this rank's states.
@@ -468,21 +408,6 @@ class BiCQLML(LightningModule):
         else:
             metrics.pop("_reward/sq_mean", None)
 
-    @property
-    def updates_per_sec(self) -> float:
-        """Training updates per second, measured over the last ``updates_per_sec_every`` updates."""
-        return float(self._rate)
-
-    def _updates_per_sec(self) -> Tensor:
-        now = time.perf_counter()
-        if self._rate_mark is None:
-            self._rate_mark = (now, self.updates)
-        elif self.updates - self._rate_mark[1] >= self.hparams.updates_per_sec_every:
-            t0, u0 = self._rate_mark
-            self._rate = torch.tensor((self.updates - u0) / max(now - t0, 1e-9))
-            self._rate_mark = (now, self.updates)
-        return self._rate
-
     def validation_step(self, batch: dict[str, Batch], batch_idx: int) -> None:
         expert = batch["expert"]
         obs = self.encoder(expert["obs"])
@@ -534,28 +459,3 @@ class BiCQLML(LightningModule):
         return out[0] if single else out
 
     # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "model": self.model_name,
-            "updates": self.updates,
-            "reward_net": {"spaces": dict(self.spaces), "hidden_sizes": list(self.hparams.reward_hidden_sizes),
-                           "reward_bound": float(self.hparams.reward_bound)},
-        }
-        if self._generator is not None:
-            checkpoint[CHECKPOINT_KEY]["generator"] = self._generator.get_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_checkpoint_model(checkpoint, self.model_name)
-        info = checkpoint[CHECKPOINT_KEY]
-        self.updates = int(info["updates"])
-        if info.get("generator") is not None:
-            # Applied when the stream is (re)made on the training device (on_fit_start).
-            self._generator = None
-            self._pending_generator_state = info["generator"]
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):  # type: ignore[override]
-        """Lightning's loader, after checking the file holds this model (one clear error if not)."""
-        if isinstance(checkpoint_path, (str, bytes)) or hasattr(checkpoint_path, "__fspath__"):
-            read_checkpoint(checkpoint_path, cls.model_name)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)

@@ -258,17 +258,13 @@ class BiCQLML(OfflineModule):
         return [TargetNetworkUpdate()]
 
     def on_fit_start(self) -> None:
+        needs_statistics = not bool(self.reward_net.encoder.initialized)
+        super().on_fit_start()  # the random stream and the Q networks' normalisation
         world_size, _ = self._world()
-        if self._generator is None or self._generator.device != self.device:
-            seed = self._default_seed()
-            if is_distributed(world_size):
-                seed = self.trainer.strategy.broadcast(seed, src=0)  # one stream for all ranks
-            self._make_generator(seed)
         datamodule = getattr(self.trainer, "datamodule", None)
-        if not bool(self.encoder.initialized) and datamodule is not None:
-            mean, std = datamodule.obs_mean, datamodule.obs_std
-            self.encoder.set_statistics(mean, std)
-            self.reward_net.encoder.set_statistics(mean, std)
+        if needs_statistics and datamodule is not None and hasattr(datamodule, "obs_mean"):
+            # The reward network carries its own copy, so it works outside this module.
+            self.reward_net.encoder.set_statistics(datamodule.obs_mean, datamodule.obs_std)
         if self.proposal is not None and not bool(self.proposal.fitted):
             if datamodule is None:
                 raise ValueError("Fitting the Box-action proposal needs the data module's transitions.")

@@ -3,14 +3,18 @@
     python -m bench.datasets --manifest ../shared/experts/experts.json --out DATA --tasks hopper
     python -m bench.throughput --data DATA --task hopper
 
-Times, on the benchmark dataset `bench/<task>/expert-n10-v0` (D = D_E) with batch 256 and
-hidden sizes (256, 256):
+Times, on the benchmark dataset ``bench/<task>/expert-n10-v0`` (the expert-only regime,
+D = D_E) with batch 256 and hidden sizes (256, 256):
 
 * BiCQL-ML training iterations per second as ``Trainer.fit`` runs them (sampling, both
-  updates, target sync and logging included), with the module's benchmark settings;
+  updates, target sync and logging included), with the settings of
+  ``configs/bench/bicql.yaml`` (M sampled actions, precision, ...; K_Q = K_R = 1);
+* the same with the speed levers taken away one at a time, cumulatively (``--levers``),
+  so each lever's gain is measured in the same run;
 * d3rlpy's ``CQLConfig`` updates per second (``update`` on batches it samples itself);
-* this machine's dense float32 matmul rate (2048²), and BiCQL-ML's floating-point work
-  per iteration counted with ``torch.utils.flop_counter``, giving ``peak_frac``.
+* this machine's dense matmul rate (2048², float32 and bfloat16), and BiCQL-ML's
+  floating-point work per iteration counted with ``torch.utils.flop_counter``, giving
+  ``peak_frac`` (against the matmul rate of the precision the run computes in).
 
 Each figure is the median of ``--repeats`` timed windows; the line to read is
 ``throughput: bicql=…/s d3rlpy_cql=…/s ratio=… peak_frac=…``. d3rlpy is an optional,
@@ -31,6 +35,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -38,15 +43,25 @@ from bicql_lightning import BiCQLML, OfflineIRLDataModule, TargetNetworkUpdate, 
 
 BATCH = 256
 HIDDEN = [256, 256]
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bench" / "bicql.yaml"
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
+def matmul_gflops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    _sync(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 class _Windows(pl.Callback):
@@ -58,45 +73,70 @@ class _Windows(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if pl_module.updates >= self.warmup and (pl_module.updates - self.warmup) % self.length == 0:
+            _sync(str(pl_module.device))
             self.marks.append(time.perf_counter())
 
     def rates(self) -> list[float]:
         return [self.length / (b - a) for a, b in zip(self.marks, self.marks[1:])]
 
 
-def bicql_model_kwargs() -> dict:
-    return dict(hidden_sizes=HIDDEN, reward_hidden_sizes=HIDDEN, q_updates=1, reward_updates=1)
+def benchmark_settings() -> tuple[dict, str]:
+    """The model's init_args and the trainer's precision from configs/bench/bicql.yaml."""
+    config = yaml.safe_load(CONFIG.read_text())
+    model = dict(config["model"]["init_args"])
+    model.update(hidden_sizes=HIDDEN, reward_hidden_sizes=HIDDEN, q_updates=1, reward_updates=1)
+    return model, str(config.get("trainer", {}).get("precision", "32-true"))
 
 
-def time_bicql(dataset_id: str, repeats: int, window: int, warmup: int) -> tuple[list[float], float]:
-    dm = OfflineIRLDataModule(expert_dataset=dataset_id, offline_dataset=None, batch_size=BATCH,
-                              batches_per_epoch=warmup + window * repeats + 1)
-    model = BiCQLML(spaces=dm.spaces, proposal_fit_steps=200, **bicql_model_kwargs())
+def lever_settings(model: dict, precision: str) -> list[tuple[str, dict, str, bool]]:
+    """(name, model kwargs, precision, shared batch): the benchmark's settings, then each
+    speed lever taken away in turn (cumulatively)."""
+    rows = [("benchmark settings", dict(model), precision, True)]
+    if precision != "32-true":
+        rows.append(("float32 instead of " + precision, dict(model), "32-true", True))
+    last_model, last_precision = rows[-1][1], rows[-1][2]
+    if model.get("advantage_net") == "target":
+        last_model = {**last_model, "advantage_net": "online"}
+        rows.append(("+ reward's soft values recomputed (advantage_net=online)", last_model, last_precision, True))
+    rows.append(("+ separate offline and expert batches from D = D_E", last_model, last_precision, False))
+    return rows
+
+
+def time_bicql(dataset_id: str, model_kwargs: dict, precision: str, shared: bool, accelerator: str,
+               repeats: int, window: int, warmup: int) -> tuple[list[float], float]:
+    data = dict(expert_dataset=dataset_id, batch_size=BATCH, batches_per_epoch=warmup + window * repeats + 1)
+    # The same transitions as D, but a second store: two batches are drawn and scored.
+    data.update(offline_dataset=None) if shared else data.update(offline_dataset=dataset_id,
+                                                                 include_expert_in_offline=False)
+    dm = OfflineIRLDataModule(**data)
+    model = BiCQLML(spaces=dm.spaces, **{**model_kwargs, "proposal_fit_steps": 200})
     timer = _Windows(warmup, window)
     with tempfile.TemporaryDirectory() as logdir:
-        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=TensorBoardLogger(logdir),
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0, limit_val_batches=0, callbacks=[TargetNetworkUpdate(), timer])
+        trainer = pl.Trainer(max_epochs=1, accelerator=accelerator, devices=1, precision=precision,
+                             logger=TensorBoardLogger(logdir), enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             limit_val_batches=0, callbacks=[TargetNetworkUpdate(), timer])
         trainer.fit(model, dm)
-    flops = count_flops(model, dm)
+        flops = count_flops(model, dm, trainer)
     return timer.rates()[:repeats], flops
 
 
-def count_flops(model: BiCQLML, dm: OfflineIRLDataModule) -> float:
-    """Floating-point operations of one iteration: both objectives, forward and backward."""
-    batch = dm.sample_batch()
+def count_flops(model: BiCQLML, dm: OfflineIRLDataModule, trainer: pl.Trainer) -> float:
+    """Floating-point operations of one iteration as ``training_step`` runs it: both
+    objectives, forward and backward."""
+    batch = dm.transfer_batch_to_device(dm.sample_batch(), model.device, 0)
     offline, expert = batch["offline"], batch["expert"]
-    with FlopCounterMode(display=False) as counter:
-        loss, _ = model.q_objective(offline, expert)
+    with FlopCounterMode(display=False) as counter, trainer.precision_plugin.forward_context():
+        next_value = model.target_soft_value(offline)
+        loss, _ = model.q_objective(offline, expert, next_value)
         loss.backward()
-        pairs = {k: torch.cat([expert[k], offline[k]]) for k in expert} if model.hparams.reward_on_offline else expert
-        loss, _ = model.reward_objective(pairs)
+        loss, _ = model.reward_objective(*model.reward_pairs(offline, expert), next_value)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
 
-def time_d3rlpy(transitions, repeats: int, window: int, warmup: int) -> list[float] | None:
+def time_d3rlpy(transitions, device: str, repeats: int, window: int, warmup: int) -> list[float] | None:
     try:
         import d3rlpy
     except ImportError:
@@ -107,15 +147,17 @@ def time_d3rlpy(transitions, repeats: int, window: int, warmup: int) -> list[flo
         timeouts=np.roll(transitions.episode_starts, -1).astype(np.float32))
     encoder = d3rlpy.models.VectorEncoderFactory(hidden_units=HIDDEN)
     cql = d3rlpy.algos.CQLConfig(batch_size=BATCH, actor_encoder_factory=encoder,
-                                 critic_encoder_factory=encoder).create(device="cpu:0")
+                                 critic_encoder_factory=encoder).create(device=device)
     cql.build_with_dataset(dataset)
     for _ in range(warmup):
         cql.update(dataset.sample_transition_batch(BATCH))
     rates = []
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         for _ in range(window):
             cql.update(dataset.sample_transition_batch(BATCH))
+        _sync(device)
         rates.append(window / (time.perf_counter() - start))
     return rates
 
@@ -127,29 +169,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--window", type=int, default=100, help="updates per timed window")
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--levers", action="store_true", help="also time the settings without each speed lever")
     parser.add_argument("--out", default=None, help="JSON file for the figures")
     args = parser.parse_args(argv)
     os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
     dataset_id = f"bench/{args.task}/expert-n10-v0"
-    pl.seed_everything(0, verbose=False)
-    peak = matmul_gflops()
-    bicql_rates, flops = time_bicql(dataset_id, args.repeats, args.window, args.warmup)
-    d3_rates = time_d3rlpy(load_transitions(dataset_id), args.repeats, args.window, args.warmup)
-    bicql = statistics.median(bicql_rates)
-    peak_frac = bicql * flops / 1e9 / peak
+    device = "cuda:0" if args.accelerator == "gpu" else "cpu:0"
+    model_kwargs, precision = benchmark_settings()
+    peaks = {"32-true": matmul_gflops(device.split(":")[0], torch.float32),
+             "bf16-mixed": matmul_gflops(device.split(":")[0], torch.bfloat16)}
+    rows = lever_settings(model_kwargs, precision) if args.levers else lever_settings(model_kwargs, precision)[:1]
+    results = []
+    for name, kwargs, prec, shared in rows:
+        pl.seed_everything(0, verbose=False)
+        rates, flops = time_bicql(dataset_id, kwargs, prec, shared, args.accelerator, args.repeats, args.window,
+                                  args.warmup)
+        rate = statistics.median(rates)
+        results.append({"setting": name, "precision": prec, "shared_batch": shared, "model": kwargs,
+                        "rates": rates, "median": rate, "gflop_per_iter": flops / 1e9,
+                        "peak_frac": rate * flops / 1e9 / peaks.get(prec, peaks["32-true"])})
+        print(f"bicql [{name}]: {rate:.1f}/s gflop_per_iter={flops / 1e9:.2f} "
+              f"peak_frac={results[-1]['peak_frac']:.2f}", flush=True)
+    d3_rates = time_d3rlpy(load_transitions(dataset_id), device, args.repeats, args.window, args.warmup)
+    bicql = results[0]["median"]
     fields = [f"bicql={bicql:.1f}/s"]
     if d3_rates is not None:
         d3 = statistics.median(d3_rates)
         fields += [f"d3rlpy_cql={d3:.1f}/s", f"ratio={bicql / d3:.2f}"]
-    fields += [f"peak_frac={peak_frac:.2f}", f"gflop_per_iter={flops / 1e9:.2f}", f"matmul_gflops={peak:.0f}",
+    fields += [f"peak_frac={results[0]['peak_frac']:.2f}", f"gflop_per_iter={results[0]['gflop_per_iter']:.2f}",
+               f"precision={results[0]['precision']}", f"matmul_gflops_fp32={peaks['32-true']:.0f}",
+               f"matmul_gflops_bf16={peaks['bf16-mixed']:.0f}", f"device={args.accelerator}",
                f"threads={torch.get_num_threads()}"]
-    print("throughput: " + " ".join(fields), flush=True)
+    line = "throughput: " + " ".join(fields)
+    print(line, flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
-            "task": args.task, "bicql_rates": bicql_rates, "d3rlpy_cql_rates": d3_rates, "matmul_gflops": peak,
-            "bicql_flops_per_iter": flops, "threads": torch.get_num_threads(),
-            "bicql_settings": {"batch": BATCH, **bicql_model_kwargs()}, "line": "throughput: " + " ".join(fields),
+            "task": args.task, "dataset": dataset_id, "batch": BATCH, "device": args.accelerator,
+            "device_name": torch.cuda.get_device_name(0) if args.accelerator == "gpu" else "cpu",
+            "threads": torch.get_num_threads(), "matmul_gflops": peaks, "bicql": results,
+            "d3rlpy_cql_rates": d3_rates, "line": line,
         }, indent=2) + "\n")
 
 

@@ -117,7 +117,9 @@ class OfflineIRLDataModule(LightningDataModule):
         expert_dataset: Minari id(s) of the expert demonstrations D_E. Ids under
             ``bicql/cartpole/`` and ``bicql/pendulum/`` are made locally from a built-in
             expert the first time they are asked for (no download).
-        offline_dataset: Minari id(s) of the offline data D; ``None`` uses D_E as D.
+        offline_dataset: Minari id(s) of the offline data D; ``None`` uses D_E as D, and
+            then one batch serves as both (``batch["offline"] is batch["expert"]``) unless
+            ``expert_batch_size`` differs: the same tensors are never drawn or scored twice.
         expert_episodes: keep only the first N expert episodes (``None``: all).
         offline_episodes: keep only the first N offline episodes (``None``: all).
         include_expert_in_offline: add the (kept) expert transitions to D.
@@ -290,8 +292,25 @@ class OfflineIRLDataModule(LightningDataModule):
             self.setup("fit")
         hp = self.hparams
         shards = (self._world_size, self._rank)
-        return {"offline": self.offline_store.sample(hp.batch_size, self._generator, *shards),
+        offline = self.offline_store.sample(hp.batch_size, self._generator, *shards)
+        if self.shared_batches:
+            return {"offline": offline, "expert": offline}
+        return {"offline": offline,
                 "expert": self.expert_store.sample(hp.expert_batch_size or hp.batch_size, self._generator, *shards)}
+
+    @property
+    def shared_batches(self) -> bool:
+        """Whether D is D_E and one batch serves as the offline and the expert batch."""
+        self.load()
+        hp = self.hparams
+        return self.offline_store is self.expert_store and hp.expert_batch_size in (None, hp.batch_size)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # Moving a shared batch part by part would make two copies of it.
+        if isinstance(batch, dict) and "offline" in batch and batch.get("expert") is batch["offline"]:
+            moved = super().transfer_batch_to_device(batch["offline"], device, dataloader_idx)
+            return {**batch, "offline": moved, "expert": moved}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self):
         return _BatchStream(self, self.hparams.batches_per_epoch)

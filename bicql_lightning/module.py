@@ -63,6 +63,12 @@ class BiCQLML(OfflineModule):
             loop's neutral direction; ``0`` leaves it unbounded.
         reward_on_offline: also regress the reward onto the soft advantage on the offline
             pairs, so :math:`r_\\theta` is fitted wherever Q-learning bootstraps through it.
+        advantage_net: the Q network whose soft advantage the reward is regressed onto:
+            ``"online"`` (the paper's :math:`Q` right after its update) or ``"target"``
+            (the Polyak-averaged :math:`\\bar Q` that the TD targets use). With
+            ``"target"`` the reward follows the slower network (a two-timescale loop) and
+            the soft values :math:`\\bar V(s')` of the step's TD targets are reused: one
+            sampled soft value less per update, about a fifth of a Box update's work.
         num_action_samples: ``M``, proposal samples per state for the Box soft value.
         num_act_candidates: candidates per state when acting with Box actions.
         proposal_data: data the Box proposal's Gaussian is fitted to, ``"expert"`` or
@@ -118,6 +124,7 @@ class BiCQLML(OfflineModule):
         reward_lr: float = 3e-4,
         reward_bound: float = 5.0,
         reward_on_offline: bool = True,
+        advantage_net: Literal["online", "target"] = "online",
         num_action_samples: int = 10,
         num_act_candidates: int = 64,
         proposal_data: Literal["expert", "offline"] = "expert",
@@ -132,6 +139,8 @@ class BiCQLML(OfflineModule):
         super().__init__()
         if cql_data not in ("offline", "expert", "both"):
             raise ValueError(f"cql_data must be 'offline', 'expert' or 'both', got {cql_data!r}")
+        if advantage_net not in ("online", "target"):
+            raise ValueError(f"advantage_net must be 'online' or 'target', got {advantage_net!r}")
         if proposal_data not in ("expert", "offline"):
             raise ValueError(f"proposal_data must be 'expert' or 'offline', got {proposal_data!r}")
         for name, value in (("q_updates", q_updates), ("reward_updates", reward_updates),
@@ -320,24 +329,37 @@ class BiCQLML(OfflineModule):
         q = full_precision(net(obs, samples)).min(0).values  # (B, M)
         return losses.sampled_soft_value(q, log_prop, self.hparams.temperature)
 
-    def _min_q(self, batch: Batch) -> Tensor:
+    def _min_q(self, batch: Batch, net: QEnsemble | None = None) -> Tensor:
+        net = self.q_net if net is None else net
         obs = self.encoder(batch["obs"])
         if self.discrete:
-            q = full_precision(self.q_net(obs)).min(0).values
+            q = full_precision(net(obs)).min(0).values
             return q.gather(1, batch["action"].long().view(-1, 1)).squeeze(1)
-        return full_precision(self.q_net(obs, batch["action"])).min(0).values
+        return full_precision(net(obs, batch["action"])).min(0).values
 
     # ------------------------------------------------------------------ objectives
-    def q_objective(self, offline: Batch, expert: Batch) -> tuple[Tensor, losses.Metrics]:
-        """Lower level: TD regression under the frozen reward plus the CQL penalty."""
+    def target_soft_value(self, batch: Batch, segments: Sequence[int] | None = None) -> Tensor:
+        """:math:`\\bar V(s')` of the twins' minimum under the target network, ``(B,)``."""
+        with torch.no_grad():
+            return self._min_soft_value(self.target_q_net, batch["next_obs"], segments)
+
+    def q_objective(self, offline: Batch, expert: Batch,
+                    next_value: Tensor | None = None) -> tuple[Tensor, losses.Metrics]:
+        """Lower level: TD regression under the frozen reward plus the CQL penalty.
+
+        ``next_value``: :meth:`target_soft_value` of ``offline`` if already computed this
+        step. When ``expert is offline`` (D = D_E, one batch serving as both) the pairs
+        are scored once: ``cql_data`` then makes no difference.
+        """
         hp = self.hparams
+        if next_value is None:
+            next_value = self.target_soft_value(offline)
         with torch.no_grad():
             reward = full_precision(self.reward_net(offline["obs"], offline["action"]))
-            next_value = self._min_soft_value(self.target_q_net, offline["next_obs"])
             target = losses.td_target(reward, next_value, offline["terminated"], hp.gamma)
         q_data, value, q_ood = self._q_and_value(self.q_net, offline)
         td, metrics = losses.q_loss(q_data, target)
-        if hp.cql_data == "offline":
+        if hp.cql_data == "offline" or expert is offline:
             cql_value, cql_q, ood = value, q_data, q_ood
         else:
             e_q, e_value, e_ood = self._q_and_value(self.q_net, expert)
@@ -354,15 +376,33 @@ class BiCQLML(OfflineModule):
         metrics["q/loss"] = (td + cql).detach()
         return td + cql, metrics
 
-    def reward_objective(self, pairs: Batch, segments: Sequence[int] | None = None) -> tuple[Tensor, losses.Metrics]:
-        """Upper level: regress r_θ onto the soft advantage of the frozen Q.
+    def reward_pairs(self, offline: Batch, expert: Batch) -> tuple[Batch, tuple[int, int] | None]:
+        """The pairs the reward is regressed on, and their parts' sizes (see ``reward_objective``)."""
+        if self.hparams.reward_on_offline and expert is not offline:
+            return _cat(expert, offline), (expert["obs"].shape[0], offline["obs"].shape[0])
+        return expert, None
+
+    def reward_objective(self, pairs: Batch, segments: Sequence[int] | None = None,
+                         offline_next_value: Tensor | None = None) -> tuple[Tensor, losses.Metrics]:
+        """Upper level: regress r_θ onto the soft advantage of the frozen Q (``advantage_net``).
 
         ``segments``: local sizes of the parts ``pairs`` concatenates (expert, offline), so
         that proposal samples follow each part's global batch (see ``_sample_actions``).
+        ``offline_next_value``: with ``advantage_net="target"``, the step's
+        :meth:`target_soft_value` of the offline batch, reused for the pairs' offline part
+        (all of ``pairs`` when ``segments`` is ``None`` and D = D_E).
         """
+        net = self.q_net if self.hparams.advantage_net == "online" else self.target_q_net
         with torch.no_grad():
-            q_data = self._min_q(pairs)
-            next_value = self._min_soft_value(self.q_net, pairs["next_obs"], segments)
+            q_data = self._min_q(pairs, net)
+            if net is self.q_net or offline_next_value is None:
+                next_value = self._min_soft_value(net, pairs["next_obs"], segments)
+            elif segments is None:
+                next_value = offline_next_value
+            else:
+                n_expert = segments[0]
+                expert_value = self._min_soft_value(net, pairs["next_obs"][:n_expert], segments[:1])
+                next_value = torch.cat([expert_value, offline_next_value])
             target = losses.soft_advantage(q_data, next_value, pairs["terminated"], self.hparams.gamma)
         reward = full_precision(self.reward_net(pairs["obs"], pairs["action"]))
         loss, metrics = losses.reward_loss(reward, target)
@@ -375,21 +415,20 @@ class BiCQLML(OfflineModule):
         q_opt, r_opt = self.optimizers()
         metrics: losses.Metrics = {}
 
+        # The target network moves only after the step (TargetNetworkUpdate), so its soft
+        # values serve every Q update of the step, and the reward's with advantage_net="target".
+        next_value = self.target_soft_value(offline)
         for _ in range(self.hparams.q_updates):
             self.toggle_optimizer(q_opt)
-            loss, q_metrics = self.q_objective(offline, expert)
+            loss, q_metrics = self.q_objective(offline, expert, next_value)
             self._update(q_opt, loss)
             self.untoggle_optimizer(q_opt)
         metrics.update(q_metrics)
 
-        if self.hparams.reward_on_offline:
-            pairs = _cat(expert, offline)
-            segments = (expert["obs"].shape[0], offline["obs"].shape[0])
-        else:
-            pairs, segments = expert, None
+        pairs, segments = self.reward_pairs(offline, expert)
         for _ in range(self.hparams.reward_updates):
             self.toggle_optimizer(r_opt)
-            loss, r_metrics = self.reward_objective(pairs, segments)
+            loss, r_metrics = self.reward_objective(pairs, segments, next_value)
             self._update(r_opt, loss)
             self.untoggle_optimizer(r_opt)
         metrics.update(r_metrics)

@@ -74,6 +74,19 @@ class ObservationEncoder(nn.Module):
         return (obs - self.mean) / self.std
 
 
+def float32_head(layers: nn.Sequential, x: Tensor) -> Tensor:
+    """``layers`` with the last one in float32, also under autocast (bf16-mixed).
+
+    The hidden layers are most of the work and tolerate bf16; the outputs (Q values,
+    rewards) do not: a Q of 300 in bf16 is only known to within 1, more than the
+    reward differences the soft advantage has to resolve. The head is a matrix-vector
+    product, so keeping it in float32 costs next to nothing.
+    """
+    h = layers[:-1](x)
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        return layers[-1](h.float())
+
+
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for width in hidden:
@@ -117,7 +130,7 @@ class QEnsemble(nn.Module):
     def forward(self, obs: Tensor, actions: Tensor | None = None) -> Tensor:
         h = self.state_in(obs)  # (E, B, H): once per state
         if self.discrete:
-            return self.body(h)  # (E, B, A)
+            return float32_head(self.body, h)  # (E, B, A)
         if actions is None:
             raise ValueError("Box-action Q networks need actions")
         single = actions.dim() == 2
@@ -126,7 +139,7 @@ class QEnsemble(nn.Module):
         acts = (acts - self.action_center) / self.action_half
         ha = self.action_in(acts.reshape(B * M, -1)).reshape(self.ensemble_size, B, M, -1)
         h = (h.unsqueeze(2) + ha).reshape(self.ensemble_size, B * M, -1)  # (E, B*M, H)
-        q = self.body(h).reshape(self.ensemble_size, B, M)
+        q = float32_head(self.body, h).reshape(self.ensemble_size, B, M)
         return q[..., 0] if single else q
 
 

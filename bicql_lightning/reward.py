@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .networks import ObservationEncoder, mlp
+from .networks import ObservationEncoder, float32_head, mlp
 from .spaces import SpaceSpec, check_spec
 
 CHECKPOINT_KEY = "bicql_lightning"
@@ -92,7 +92,7 @@ class RewardNet(nn.Module):
         """Rewards of every action, ``(B, A)``; Discrete action spaces only."""
         if not self.discrete:
             raise ValueError("reward_table needs a Discrete action space")
-        return self._bound(self.net(self.encoder(state)))
+        return self._bound(float32_head(self.net, self.encoder(state)))
 
     def forward(self, state: Tensor, action: Tensor, next_state: Tensor | None = None,
                 done: Tensor | None = None) -> Tensor:
@@ -101,7 +101,7 @@ class RewardNet(nn.Module):
             return table.gather(1, action.long().reshape(-1, 1)).squeeze(1)
         unit = (action.reshape(action.shape[0], -1).to(self.action_half.dtype)
                 - self.action_center) / self.action_half
-        return self._bound(self.net(torch.cat([self.encoder(state), unit], dim=-1)).squeeze(-1))
+        return self._bound(float32_head(self.net, torch.cat([self.encoder(state), unit], dim=-1)).squeeze(-1))
 
     @torch.no_grad()
     def predict(self, state: np.ndarray, action: np.ndarray, next_state: np.ndarray | None = None,

@@ -78,6 +78,19 @@ def test_expert_batch_size_defaults_to_batch_size(tiny):
     assert batch["offline"]["obs"].shape[0] == batch["expert"]["obs"].shape[0] == 7
 
 
+@pytest.mark.parametrize("expert_batch_size", [None, 16, 8])
+def test_with_d_equal_to_d_e_one_batch_serves_as_both_unless_sizes_differ(tiny, expert_batch_size):
+    dm = make_dm(tiny.cartpole_expert, None, batch_size=16, expert_batch_size=expert_batch_size)
+    dm.setup("fit")
+    batch = dm.sample_batch()
+    shared = expert_batch_size != 8
+    assert dm.shared_batches == shared
+    assert (batch["offline"] is batch["expert"]) == shared
+    moved = dm.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    assert (moved["offline"] is moved["expert"]) == shared
+    assert make_dm(*tiny.ids("cartpole")).shared_batches is False  # D is another dataset
+
+
 # ----------------------------------------------------------------------------- which transitions
 def test_expert_episodes_keeps_exactly_the_first_episodes(tiny):
     episodes = list(minari.load_dataset(tiny.cartpole_mixed).iterate_episodes())

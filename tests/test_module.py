@@ -157,3 +157,61 @@ def test_invalid_hyperparameters_are_refused_with_their_name():
         BiCQLML(spaces=DISCRETE, temperature=0.0)
     with pytest.raises(ValueError, match="spaces"):
         BiCQLML(spaces={"obs_dim": 3})
+
+
+def test_target_advantage_reuses_the_step_soft_values_and_scores_with_the_target_network():
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=DISCRETE, hidden_sizes=[8], gamma=0.9, advantage_net="target")
+    with torch.no_grad():  # make online and target differ, so the test can tell them apart
+        for p in model.q_net.parameters():
+            p.add_(0.5)
+    batch = make_batch(DISCRETE, batch_size=5)
+    next_value = torch.arange(5.0)  # stands for the step's target soft values
+    q_bar = model.target_q_net(model.encoder(batch["obs"])).min(0).values
+    expected = q_bar.gather(1, batch["action"].view(-1, 1)).squeeze(1) - 0.9 * (1 - batch["terminated"]) * next_value
+    reward = model.reward_net(batch["obs"], batch["action"])
+    loss, _ = model.reward_objective(batch, None, next_value)
+    assert loss.item() == pytest.approx((reward - expected).pow(2).mean().item(), rel=1e-5)
+    # With the expert part in front, only the offline part's values are reused.
+    expert = make_batch(DISCRETE, batch_size=3, seed=2)
+    pairs = {k: torch.cat([expert[k], batch[k]]) for k in batch}
+    loss_cat, _ = model.reward_objective(pairs, (3, 5), next_value)
+    v_expert = model.target_soft_value(expert)
+    q_pairs = model.target_q_net(model.encoder(pairs["obs"])).min(0).values.gather(
+        1, pairs["action"].view(-1, 1)).squeeze(1)
+    expected_cat = q_pairs - 0.9 * (1 - pairs["terminated"]) * torch.cat([v_expert, next_value])
+    reward_cat = model.reward_net(pairs["obs"], pairs["action"])
+    assert loss_cat.item() == pytest.approx((reward_cat - expected_cat).pow(2).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("spaces", [DISCRETE, BOX], ids=["discrete", "box"])
+def test_one_shared_batch_is_scored_once_whatever_cql_data_says(spaces):
+    torch.manual_seed(0)
+    batch = make_batch(spaces)
+    reference = BiCQLML(spaces=spaces, hidden_sizes=[16], proposal_seed=3).state_dict()
+    values = []
+    for cql_data in ("offline", "both"):
+        model = BiCQLML(spaces=spaces, hidden_sizes=[16], cql_data=cql_data, proposal_seed=3)
+        model.load_state_dict(reference)
+        loss, _ = model.q_objective(batch, batch)
+        values.append(loss.item())
+        assert model.reward_pairs(batch, batch) == (batch, None)
+    assert values[0] == pytest.approx(values[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("spaces", [DISCRETE, BOX], ids=["discrete", "box"])
+def test_outputs_stay_float32_and_close_under_bf16_autocast(spaces):
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=spaces, hidden_sizes=[64, 64], reward_hidden_sizes=[64, 64])
+    batch = make_batch(spaces, batch_size=64)
+    obs = model.encoder(batch["obs"])
+    args = (obs,) if spaces["action_kind"] == "discrete" else (obs, batch["action"])
+    q32 = model.q_net(*args)
+    r32 = model.reward_net(batch["obs"], batch["action"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q16 = model.q_net(*args)
+        r16 = model.reward_net(batch["obs"], batch["action"])
+    assert q16.dtype == torch.float32 and r16.dtype == torch.float32
+    # bf16 hidden layers, float32 heads: errors of the order of bf16's 2^-8, not worse.
+    assert (q16 - q32).abs().max() < 0.02 * q32.abs().max()
+    assert (r16 - r32).abs().max() < 0.02 * r32.abs().max()

@@ -9,7 +9,10 @@ Equations follow the paper (arXiv 2511.22210) and ``shared/DESIGN.md``:
   \mathbb E_{(s,a)\sim P}[V_i(s)-Q_i(s,a)]` with
   :math:`y = r_\theta(s,a) + \gamma(1-\text{terminated})\bar V(s')`,
 * upper level (ML): :math:`L_R = (r_\theta(s,a) - A(s,a,s'))^2` with the soft advantage
-  :math:`A = Q(s,a) - \gamma(1-\text{terminated})V(s')`.
+  :math:`A = Q(s,a) - \gamma(1-\text{terminated})V(s')`,
+* adaptive conservatism (CQL-Lagrange, an open question of the paper): the dual of
+  :math:`\min_Q \max_{\alpha\ge0} \alpha(\mathbb E_P[V-Q] - \tau)`, stepped in
+  :math:`\log\alpha` (:func:`cql_alpha_dual_loss`).
 
 Metrics are returned as detached tensors; the module logs them without host syncs.
 """
@@ -76,18 +79,36 @@ def q_loss(q_data: Tensor, target: Tensor) -> tuple[Tensor, Metrics]:
                   "q/target": target.detach().mean()}
 
 
-def cql_penalty(value: Tensor, q_data: Tensor, alpha: float) -> tuple[Tensor, Metrics]:
+def cql_penalty(value: Tensor, q_data: Tensor, alpha: float | Tensor) -> tuple[Tensor, Metrics]:
     r"""Conservative term :math:`\alpha\sum_i \mathbb E_{(s,a)\sim P}[V_i(s) - Q_i(s,a)]`.
 
     ``value`` and ``q_data`` are ``(E, B)`` at the same states ``s``: with ``T`` as the
     temperature, :math:`(V_i(s) - Q_i(s,a))/T` is the negative log-likelihood of ``a``
     under the Boltzmann policy of :math:`Q_i`, so on expert pairs the term is the
     maximum-likelihood objective. Its gradient pushes Q down where the policy puts mass
-    and up at the data's actions.
+    and up at the data's actions. ``alpha`` is a number or, with adaptive conservatism, a
+    scalar tensor (no gradient is taken through it).
     """
+    if isinstance(alpha, Tensor):
+        alpha = alpha.detach()
     gap = (value - q_data).mean(dim=1)  # (E,)
     loss = alpha * gap.sum()
     return loss, {"cql/loss": loss.detach(), "cql/gap": gap.detach().mean()}
+
+
+def cql_alpha_dual_loss(log_alpha: Tensor, gap: Tensor, target_gap: float) -> tuple[Tensor, Metrics]:
+    r"""Dual objective of the CQL-Lagrange constraint :math:`\mathbb E_P[V(s) - Q(s,a)] \le \tau`.
+
+    The Lagrangian of the lower level is :math:`\min_Q\max_{\alpha\ge0} L_{TD} +
+    \alpha(\text{gap} - \tau)` (CQL, Kumar et al. 2020, Eq. 30 with the gap of
+    ``cql_penalty``). Minimising :math:`\log\alpha\,(\tau - \text{gap})` moves
+    :math:`\log\alpha` along the dual's ascent direction :math:`\text{gap}-\tau` with
+    the factor :math:`\alpha` dropped (as SAC's temperature loss does), so a step does not
+    vanish as :math:`\alpha\to0`; the fixed point, gap = τ, is the same. ``log_alpha``: a
+    scalar that requires grad; ``gap``: the scalar gap (no gradient is taken through it).
+    """
+    loss = log_alpha * (target_gap - gap.detach())
+    return loss, {"cql/alpha": log_alpha.detach().exp(), "cql/gap_minus_target": gap.detach() - target_gap}
 
 
 def reward_loss(reward: Tensor, target: Tensor) -> tuple[Tensor, Metrics]:

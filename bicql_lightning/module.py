@@ -30,11 +30,15 @@ from torch import Tensor
 from . import losses
 from .base import OfflineModule
 from .distributed import AtomicCheckpointIO, all_reduce_mean_, broadcast_, full_precision, is_distributed
-from .networks import ActionProposal, ObservationEncoder, QEnsemble
+from .networks import ActionProposal, ObservationEncoder, QEnsemble, clip_spectral_norm_, mlp_hidden_weight_groups
 from .reward import RewardNet
 from .spaces import SpaceSpec, check_spec
 
 Batch = dict[str, Tensor]
+
+# Range of the adaptive alpha: a target gap the data cannot reach (below the expert's own
+# entropy, say) would otherwise drive log alpha without bound.
+LOG_ALPHA_MIN, LOG_ALPHA_MAX = float(np.log(1e-3)), float(np.log(1e3))
 
 
 def _cat(a: Batch, b: Batch) -> Batch:
@@ -69,6 +73,27 @@ class BiCQLML(OfflineModule):
             ``"target"`` the reward follows the slower network (a two-timescale loop) and
             the soft values :math:`\\bar V(s')` of the step's TD targets are reused: one
             sampled soft value less per update, about a fifth of a Box update's work.
+        cql_target_gap: adaptive conservatism (CQL-Lagrange): ``None`` keeps
+            :math:`\alpha` = ``alpha`` fixed; a number :math:`\tau` tunes :math:`\alpha` by
+            dual steps on :math:`\log\alpha` after each step's Q updates
+            (:func:`~bicql_lightning.losses.cql_alpha_dual_loss`), raising it while the CQL
+            gap :math:`\mathbb E_P[V - Q]` (``cql/gap``; on expert pairs :math:`T` times the
+            expert NLL) exceeds :math:`\tau`. ``alpha`` is the starting value;
+            :math:`\alpha` is kept in ``[1e-3, 1e3]``, saved in checkpoints (buffer
+            ``log_alpha``) and logged as ``cql/alpha``.
+        cql_alpha_lr: step size of the dual (plain gradient) steps on :math:`\log\alpha`.
+        spectral_norm: after every Q update, project each hidden layer of the Q networks
+            (all but the output head) onto spectral norm :math:`\le 1`, per twin. This
+            bounds the Lipschitz constant of the features in the encoded input, one way to
+            approach the contraction condition :math:`L_Q L_{ML} < 1` of the paper's
+            theorem; the head stays free so Q can still span the value scale
+            :math:`r_{max}/(1-\gamma)`.
+        reward_spectral_norm: the same for the reward network's hidden layers, after every
+            reward update.
+        reward_target: what the reward is regressed onto: ``"soft_advantage"`` (the paper's
+            surrogate :math:`Q(s,a) - \gamma(1-\text{terminated})V(s')`) or ``"q"``
+            (:math:`Q(s,a)` itself, no soft value: an ablation; its fixed point is the
+            soft-optimal Q only when :math:`\gamma = 0`).
         num_action_samples: ``M``, proposal samples per state for the Box soft value.
         num_act_candidates: candidates per state when acting with Box actions.
         proposal_data: data the Box proposal's Gaussian is fitted to, ``"expert"`` or
@@ -125,6 +150,11 @@ class BiCQLML(OfflineModule):
         reward_bound: float = 5.0,
         reward_on_offline: bool = True,
         advantage_net: Literal["online", "target"] = "online",
+        cql_target_gap: float | None = None,
+        cql_alpha_lr: float = 1e-3,
+        spectral_norm: bool = False,
+        reward_spectral_norm: bool = False,
+        reward_target: Literal["soft_advantage", "q"] = "soft_advantage",
         num_action_samples: int = 10,
         num_act_candidates: int = 64,
         proposal_data: Literal["expert", "offline"] = "expert",
@@ -141,6 +171,10 @@ class BiCQLML(OfflineModule):
             raise ValueError(f"cql_data must be 'offline', 'expert' or 'both', got {cql_data!r}")
         if advantage_net not in ("online", "target"):
             raise ValueError(f"advantage_net must be 'online' or 'target', got {advantage_net!r}")
+        if reward_target not in ("soft_advantage", "q"):
+            raise ValueError(f"reward_target must be 'soft_advantage' or 'q', got {reward_target!r}")
+        if cql_target_gap is not None and alpha <= 0:
+            raise ValueError(f"adaptive conservatism (cql_target_gap) needs a positive starting alpha, got {alpha}")
         if proposal_data not in ("expert", "offline"):
             raise ValueError(f"proposal_data must be 'expert' or 'offline', got {proposal_data!r}")
         for name, value in (("q_updates", q_updates), ("reward_updates", reward_updates),
@@ -155,6 +189,10 @@ class BiCQLML(OfflineModule):
             raise ValueError(f"gamma must be in [0, 1), got {gamma}")
         self.save_hyperparameters()
         self._init_state()
+        if cql_target_gap is not None:
+            # A buffer: saved in checkpoints, moved with the module, and (being stepped by
+            # the same all-reduced gap on every rank) identical under DDP.
+            self.register_buffer("log_alpha", torch.tensor(float(np.log(alpha))))
         if spaces is not None:
             self._build(check_spec(dict(spaces)))
 
@@ -269,6 +307,7 @@ class BiCQLML(OfflineModule):
     def on_fit_start(self) -> None:
         needs_statistics = not bool(self.reward_net.encoder.initialized)
         super().on_fit_start()  # the random stream and the Q networks' normalisation
+        self._clip_spectral_norms()  # start inside the constraint set (idempotent on resume)
         world_size, _ = self._world()
         datamodule = getattr(self.trainer, "datamodule", None)
         if needs_statistics and datamodule is not None and hasattr(datamodule, "obs_mean"):
@@ -369,12 +408,39 @@ class BiCQLML(OfflineModule):
                 cql_value = torch.cat([value, e_value], 1)
                 cql_q = torch.cat([q_data, e_q], 1)
                 ood = torch.cat([q_ood, e_ood], 1)
-        cql, cql_metrics = losses.cql_penalty(cql_value, cql_q, hp.alpha)
+        cql, cql_metrics = losses.cql_penalty(cql_value, cql_q, self.cql_alpha())
         metrics.update(cql_metrics)
         metrics["cql/q_data"] = cql_q.detach().mean()
         metrics["cql/q_ood"] = ood.detach().mean()
         metrics["q/loss"] = (td + cql).detach()
         return td + cql, metrics
+
+    def cql_alpha(self) -> float | Tensor:
+        """The CQL coefficient: ``alpha``, or the dual variable's current value."""
+        return self.hparams.alpha if self.hparams.cql_target_gap is None else self.log_alpha.exp()
+
+    def _dual_step(self, gap: Tensor) -> losses.Metrics:
+        """One dual step on ``log_alpha`` from this step's CQL gap, averaged over ranks first
+        (every rank takes the same step and the buffers stay bit-identical)."""
+        world_size, _ = self._world()
+        gap = gap.detach().float().reshape(()).clone()
+        if is_distributed(world_size):
+            all_reduce_mean_([gap], world_size)
+        with torch.enable_grad():
+            log_alpha = self.log_alpha.detach().clone().requires_grad_(True)
+            loss, metrics = losses.cql_alpha_dual_loss(log_alpha, gap, self.hparams.cql_target_gap)
+            (grad,) = torch.autograd.grad(loss, log_alpha)
+        with torch.no_grad():
+            self.log_alpha.sub_(self.hparams.cql_alpha_lr * grad).clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+        return metrics
+
+    def _clip_spectral_norms(self, q: bool = True, reward: bool = True) -> None:
+        hp = self.hparams
+        if q and hp.spectral_norm:
+            for net in (self.q_net, self.target_q_net):
+                clip_spectral_norm_(net.hidden_weight_groups(), in_dim=-2)
+        if reward and hp.reward_spectral_norm:
+            clip_spectral_norm_(mlp_hidden_weight_groups(self.reward_net.net), in_dim=-1)
 
     def reward_pairs(self, offline: Batch, expert: Batch) -> tuple[Batch, tuple[int, int] | None]:
         """The pairs the reward is regressed on, and their parts' sizes (see ``reward_objective``)."""
@@ -384,7 +450,8 @@ class BiCQLML(OfflineModule):
 
     def reward_objective(self, pairs: Batch, segments: Sequence[int] | None = None,
                          offline_next_value: Tensor | None = None) -> tuple[Tensor, losses.Metrics]:
-        """Upper level: regress r_θ onto the soft advantage of the frozen Q (``advantage_net``).
+        """Upper level: regress r_θ onto the soft advantage of the frozen Q (``advantage_net``),
+        or onto Q itself with ``reward_target="q"``.
 
         ``segments``: local sizes of the parts ``pairs`` concatenates (expert, offline), so
         that proposal samples follow each part's global batch (see ``_sample_actions``).
@@ -395,7 +462,9 @@ class BiCQLML(OfflineModule):
         net = self.q_net if self.hparams.advantage_net == "online" else self.target_q_net
         with torch.no_grad():
             q_data = self._min_q(pairs, net)
-            if net is self.q_net or offline_next_value is None:
+            if self.hparams.reward_target == "q":
+                target = q_data
+            elif net is self.q_net or offline_next_value is None:
                 next_value = self._min_soft_value(net, pairs["next_obs"], segments)
             elif segments is None:
                 next_value = offline_next_value
@@ -403,7 +472,8 @@ class BiCQLML(OfflineModule):
                 n_expert = segments[0]
                 expert_value = self._min_soft_value(net, pairs["next_obs"][:n_expert], segments[:1])
                 next_value = torch.cat([expert_value, offline_next_value])
-            target = losses.soft_advantage(q_data, next_value, pairs["terminated"], self.hparams.gamma)
+            if self.hparams.reward_target == "soft_advantage":
+                target = losses.soft_advantage(q_data, next_value, pairs["terminated"], self.hparams.gamma)
         reward = full_precision(self.reward_net(pairs["obs"], pairs["action"]))
         loss, metrics = losses.reward_loss(reward, target)
         metrics["_reward/sq_mean"] = reward.detach().float().pow(2).mean()  # for the global std under DDP
@@ -423,7 +493,11 @@ class BiCQLML(OfflineModule):
             loss, q_metrics = self.q_objective(offline, expert, next_value)
             self._update(q_opt, loss)
             self.untoggle_optimizer(q_opt)
+            self._clip_spectral_norms(reward=False)
         metrics.update(q_metrics)
+        if self.hparams.cql_target_gap is not None:
+            # The gap of the last Q update's objective, taken with the alpha it used.
+            metrics.update(self._dual_step(q_metrics["cql/gap"]))
 
         pairs, segments = self.reward_pairs(offline, expert)
         for _ in range(self.hparams.reward_updates):
@@ -431,6 +505,7 @@ class BiCQLML(OfflineModule):
             loss, r_metrics = self.reward_objective(pairs, segments, next_value)
             self._update(r_opt, loss)
             self.untoggle_optimizer(r_opt)
+            self._clip_spectral_norms(q=False)
         metrics.update(r_metrics)
 
         self.updates += 1

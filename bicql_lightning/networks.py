@@ -142,6 +142,41 @@ class QEnsemble(nn.Module):
         q = float32_head(self.body, h).reshape(self.ensemble_size, B, M)
         return q[..., 0] if single else q
 
+    def hidden_weight_groups(self) -> list[list[Tensor]]:
+        """Weights of every layer but the output head, ``(E, in, out)`` each, grouped by layer:
+        the split first layer of Box actions is one layer (state and action parts stacked
+        along ``in``), so its spectral norm is that of the whole first layer."""
+        first = [self.state_in.weight] + ([] if self.discrete else [self.action_in.weight])
+        body = [m.weight for m in self.body if isinstance(m, EnsembleLinear)][:-1]
+        return [first] + [[w] for w in body]
+
+
+def mlp_hidden_weight_groups(layers: nn.Sequential) -> list[list[Tensor]]:
+    """Weights ``(out, in)`` of every ``nn.Linear`` of an :func:`mlp` but the output head, one group each."""
+    return [[m.weight] for m in layers if isinstance(m, nn.Linear)][:-1]
+
+
+@torch.no_grad()
+def clip_spectral_norm_(groups: Sequence[Sequence[Tensor]], in_dim: int, bound: float = 1.0) -> None:
+    r"""Project each layer onto :math:`\{W : \|W\|_2 \le` ``bound``:math:`\}`, in place.
+
+    A group is one layer's weights split along its input axis ``in_dim`` (``-2`` for
+    :class:`EnsembleLinear`'s ``(E, in, out)``, ``-1`` for ``nn.Linear``'s ``(out, in)``);
+    leading axes are ensemble members, each projected on its own. The exact largest
+    singular value (``torch.linalg.matrix_norm(ord=2)``, batched over members) is cheap
+    for the small layers this is meant for, and needs no power-iteration state: the
+    projection is a function of the weights alone, so it is identical on every DDP rank
+    and nothing extra goes into checkpoints. Dividing by :math:`\max(1, \sigma/b)` leaves
+    layers already inside the ball untouched (a projection, as in Gouk et al. 2021), unlike
+    Miyato et al.'s reparametrisation :math:`W/\sigma`, which pins every norm at 1.
+    """
+    for group in groups:
+        joined = torch.cat(list(group), dim=in_dim) if len(group) > 1 else group[0]
+        sigma = torch.linalg.matrix_norm(joined.float(), ord=2)  # (E,) or ()
+        scale = (sigma / bound).clamp_min(1.0).to(joined.dtype).unsqueeze(-1).unsqueeze(-1)
+        for w in group:
+            w.div_(scale)
+
 
 class ActionProposal(nn.Module):
     r"""Fixed proposal :math:`q(a|s)` for the sampled soft value of Box actions.

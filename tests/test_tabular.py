@@ -164,3 +164,23 @@ def test_small_fit_recovers_the_reward(tmp_path, monkeypatch):
     rand = task.reward_metrics(np.random.default_rng(0).standard_normal((12, 3)))["reward_dist"]
     assert metrics["reward_dist"] < 0.5 * min(zero, rand), (metrics, zero, rand)
     assert metrics["return_ratio"] > 0.8 and metrics["nll_gap"] < 0.05, metrics
+
+
+def test_lipschitz_estimates_of_the_exact_loop():
+    """Along an exact lower level (Q_k = Q*(r_k)) the soft advantage returns the reward:
+    A(Q*(r)) = r, so L_Q * L_ML >= 1 on every pair and the learned and exact L_Q agree."""
+    from bench.tabular import lipschitz_estimates, soft_advantage_table
+
+    env = Garnet(seed=2, S=7, A=3, b=2)
+    gamma, T = 0.8, 0.7
+    rng = np.random.default_rng(0)
+    rewards = [env.R + 0.3 * k * rng.standard_normal(env.R.shape) for k in range(5)]
+    qs = [soft_value_iteration(env.P, r, gamma, T, tol=1e-12)[0] for r in rewards]
+    for r, q in zip(rewards, qs):
+        np.testing.assert_allclose(soft_advantage_table(q, env.P, gamma, T), r, atol=1e-8)
+    est = lipschitz_estimates(rewards, qs, env.P, gamma, T)
+    assert est["L_Q"] == pytest.approx(est["L_Q_learned"])
+    assert 1.0 <= est["L_Q"] <= 1 / (1 - gamma) + 1e-9
+    assert est["L_ML"] <= 1 + gamma + 1e-9
+    assert est["L_prod"] >= 1.0 - 1e-9
+    assert lipschitz_estimates(rewards, qs, env.P, gamma, T, reward_target="q")["L_ML"] == pytest.approx(1.0)

@@ -28,37 +28,72 @@ FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
 
 
 class TransitionStore:
-    """Transitions as a dict of equally long tensors, sampled by index."""
+    """Transitions as tensors sampled by index, observations stored once.
+
+    ``obs`` holds every stored observation (each episode's T + 1); transition ``t`` of
+    episode ``k`` goes from row ``t + k`` to ``t + k + 1``, so only the episode numbers
+    (int32) are kept to find rows. The tensors share memory with the loaded
+    numpy arrays where dtypes agree (Box observations and actions, rewards), so a
+    dataset is held once: measured by ``bench/memory.py``.
+    """
 
     def __init__(self, transitions: Transitions):
-        obs_dtype = torch.long if transitions.observations.dtype.kind in "iu" else torch.float32
+        obs = transitions.episode_observations
+        obs_dtype = torch.long if obs.dtype.kind in "iu" else torch.float32
         act_dtype = torch.long if transitions.actions.dtype.kind in "iu" else torch.float32
-        # torch.as_tensor shares memory with the numpy arrays where dtypes agree: no copy.
-        self.tensors: dict[str, Tensor] = {
-            "obs": torch.as_tensor(transitions.observations).to(obs_dtype),
+        self.obs = torch.as_tensor(obs).to(obs_dtype)
+        self.episode = torch.as_tensor(transitions.episode_ids)
+        self.fields: dict[str, Tensor] = {
             "action": torch.as_tensor(transitions.actions).to(act_dtype),
             "reward": torch.as_tensor(transitions.rewards).to(torch.float32),
-            "next_obs": torch.as_tensor(transitions.next_observations).to(obs_dtype),
-            "terminated": torch.as_tensor(transitions.terminations).to(torch.float32),
+            "terminated": torch.as_tensor(transitions.terminations),  # bool; float per batch
         }
 
     def __len__(self) -> int:
-        return self.tensors["obs"].shape[0]
+        return self.episode.shape[0]
 
     def to(self, device: torch.device) -> TransitionStore:
-        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        self.obs, self.episode = self.obs.to(device), self.episode.to(device)
+        self.fields = {k: v.to(device) for k, v in self.fields.items()}
+        return self
+
+    def pin_memory(self) -> TransitionStore:
+        self.obs, self.episode = self.obs.pin_memory(), self.episode.pin_memory()
+        self.fields = {k: v.pin_memory() for k, v in self.fields.items()}
         return self
 
     @property
     def device(self) -> torch.device:
-        return self.tensors["obs"].device
+        return self.obs.device
 
     def take(self, index: Tensor) -> dict[str, Tensor]:
-        return {k: v[index] for k, v in self.tensors.items()}
+        """The transitions at ``index`` as a batch dict (``FIELDS``)."""
+        row = self.rows(index)
+        return {"obs": self.obs[row], "action": self.fields["action"][index],
+                "reward": self.fields["reward"][index], "next_obs": self.obs[row + 1],
+                "terminated": self.fields["terminated"][index].float()}
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        """Every transition as one batch dict: a copy of the whole store, for inspection
+        and small data (training samples with :meth:`sample`)."""
+        return self.take(torch.arange(len(self), device=self.device))
+
+    def observations(self, chunk: int = 1 << 16):
+        """Each transition's observation, ``chunk`` rows at a time (no copy of them all)."""
+        for start in range(0, len(self), chunk):
+            yield self.obs[self.rows(slice(start, start + chunk))]
+
+    def rows(self, index: Tensor | slice) -> Tensor:
+        """Rows of ``obs`` holding the observations of the transitions at ``index``."""
+        if isinstance(index, slice):
+            start, stop, _ = index.indices(len(self))
+            return torch.arange(start, stop, device=self.device) + self.episode[index]
+        return index + self.episode[index]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(t.numel() * t.element_size() for t in (self.obs, self.episode, *self.fields.values()))
 
     def sample(self, batch_size: int, generator: torch.Generator, world_size: int = 1,
                rank: int = 0) -> dict[str, Tensor]:
@@ -183,37 +218,40 @@ class OfflineIRLDataModule(LightningDataModule):
                        [hp.offline_dataset] if isinstance(hp.offline_dataset, str) else list(hp.offline_dataset))
         self._ensure_quickstart(expert_ids + offline_ids)
         self.expert = load_transitions(expert_ids, hp.expert_episodes, download=hp.download)
-        self.offline = (load_transitions(offline_ids, hp.offline_episodes, download=hp.download)
-                        if offline_ids else None)
-        if self.offline is not None:
+        for dataset_id in offline_ids:  # checked on the metadata, before anything large is read
+            offline = load_minari(dataset_id, download=hp.download)
             for what in ("observation_space", "action_space"):
-                if getattr(self.offline, what) != getattr(self.expert, what):
+                if getattr(offline, what) != getattr(self.expert, what):
                     raise DatasetError(
                         f"The offline data {offline_ids} and the expert data {expert_ids} have "
-                        f"different {what.replace('_', ' ')}s: {getattr(self.offline, what)} vs "
+                        f"different {what.replace('_', ' ')}s: {getattr(offline, what)} vs "
                         f"{getattr(self.expert, what)}. Both must come from the same environment."
                     )
+        # D with the expert transitions appended is read into one set of arrays.
+        also = [(expert_ids, hp.expert_episodes)] if hp.include_expert_in_offline else []
+        self.offline = (load_transitions(offline_ids, hp.offline_episodes, download=hp.download, also=also)
+                        if offline_ids else None)
         self._spaces: SpaceSpec = space_spec(self.expert.observation_space, self.expert.action_space)
         self.expert_store = TransitionStore(self.expert)
-        if self.offline is None:
-            self.offline_store = self.expert_store
-        else:
-            self.offline_store = TransitionStore(self.offline)
-            if hp.include_expert_in_offline:
-                self.offline_store.tensors = {k: torch.cat([v, self.expert_store.tensors[k]])
-                                              for k, v in self.offline_store.tensors.items()}
-        self.obs_mean, self.obs_std = self._statistics(self.offline_store.tensors["obs"])
+        self.offline_store = self.expert_store if self.offline is None else TransitionStore(self.offline)
+        self.obs_mean, self.obs_std = self._statistics(self.offline_store)
         self._loaded = True
 
-    def _statistics(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+    def _statistics(self, store: TransitionStore) -> tuple[Tensor, Tensor]:
         dim = self._spaces["obs_dim"]
         if self._spaces["obs_kind"] == "discrete" or not self.hparams.normalize_observations:
             return torch.zeros(dim), torch.ones(dim)
-        flat = obs.reshape(obs.shape[0], -1).double()
-        std = flat.std(0, unbiased=False)
+        # In float64 chunks: a float64 copy of a large dataset would double its memory.
+        total, total_sq = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
+        for chunk in store.observations():
+            flat = chunk.reshape(chunk.shape[0], -1).double()
+            total += flat.sum(0)
+            total_sq += flat.pow(2).sum(0)
+        mean = total / len(store)
+        std = (total_sq / len(store) - mean.pow(2)).clamp_min(0).sqrt()
         # Constant features would divide by zero; leave them unscaled.
         std = torch.where(std < 1e-6, torch.ones_like(std), std)
-        return flat.mean(0).float(), std.float()
+        return mean.float(), std.float()
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node, then lets every process set up:
@@ -235,7 +273,7 @@ class OfflineIRLDataModule(LightningDataModule):
         for store in stores:
             store.to(device)
             if device.type == "cpu" and self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
-                store.tensors = {k: v.pin_memory() for k, v in store.tensors.items()}
+                store.pin_memory()
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self.hparams.seed)
@@ -325,7 +363,7 @@ class OfflineIRLDataModule(LightningDataModule):
     def proposal_pairs(self, which: str) -> tuple[Tensor, Tensor]:
         """(observations, actions) the Box proposal is fitted to: ``"expert"`` or ``"offline"``."""
         store = self.expert_store if which == "expert" else self.offline_store
-        return store.tensors["obs"], store.tensors["action"]
+        return store.obs[store.rows(slice(None))], store.fields["action"]
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

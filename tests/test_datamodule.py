@@ -91,6 +91,20 @@ def test_with_d_equal_to_d_e_one_batch_serves_as_both_unless_sizes_differ(tiny, 
     assert make_dm(*tiny.ids("cartpole")).shared_batches is False  # D is another dataset
 
 
+def test_the_store_holds_each_observation_once_sharing_the_loaded_arrays(tiny):
+    dm = make_dm(tiny.pendulum_mixed, None)
+    dm.setup("fit")
+    store, loaded = dm.expert_store, dm.expert
+    n, episodes = len(loaded), loaded.num_episodes
+    assert store.obs.shape[0] == n + episodes  # T + 1 per episode, not 2T
+    assert np.shares_memory(store.obs.numpy(), loaded.episode_observations)
+    assert np.shares_memory(store.fields["action"].numpy(), loaded.actions)
+    raw = loaded.episode_observations.nbytes + loaded.actions.nbytes + n * (4 + 1 + 1)  # + rewards, flags
+    assert store.nbytes == raw - n + 4 * n  # without truncations, with int32 episode numbers
+    batch = store.take(torch.arange(n))
+    np.testing.assert_array_equal(batch["next_obs"].numpy(), loaded.next_observations)
+
+
 # ----------------------------------------------------------------------------- which transitions
 def test_expert_episodes_keeps_exactly_the_first_episodes(tiny):
     episodes = list(minari.load_dataset(tiny.cartpole_mixed).iterate_episodes())

@@ -267,11 +267,11 @@ def test_bf16_mixed_precision_trains_without_dtype_errors(tiny, tmp_path, env):
 
 
 def test_transition_store_share_is_a_slice_of_the_global_indices():
-    class T:
-        observations = np.arange(20, dtype=np.float32).reshape(10, 2)
+    class T:  # one episode of 10 transitions
+        episode_observations = np.arange(22, dtype=np.float32).reshape(11, 2)
+        episode_ids = np.zeros(10, np.int32)
         actions = np.arange(10)
         rewards = np.zeros(10, np.float32)
-        next_observations = observations + 1
         terminations = np.zeros(10, bool)
 
     store = TransitionStore(T)

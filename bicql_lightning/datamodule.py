@@ -79,7 +79,7 @@ class TransitionStore:
         and small data (training samples with :meth:`sample`)."""
         return self.take(torch.arange(len(self), device=self.device))
 
-    def observations(self, chunk: int = 1 << 16):
+    def observations(self, chunk: int = 1 << 13):
         """Each transition's observation, ``chunk`` rows at a time (no copy of them all)."""
         for start in range(0, len(self), chunk):
             yield self.obs[self.rows(slice(start, start + chunk))]

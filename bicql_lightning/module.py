@@ -96,6 +96,16 @@ class BiCQLML(OfflineModule):
             soft-optimal Q only when :math:`\gamma = 0`).
         num_action_samples: ``M``, proposal samples per state for the Box soft value.
         num_act_candidates: candidates per state when acting with Box actions.
+        act_policy: the Box-action controller. ``"boltzmann"``: the paper's
+            :math:`\\pi(a|s)\\propto\\exp(Q(s,a)/T)` over candidates from the proposal
+            (greedy: the best candidate by Q). ``"proposal_weighted"``:
+            :math:`\\pi(a|s)\\propto q(a|s)\\exp(Q(s,a)/T)` over candidates from the
+            proposal's Gaussian (greedy: the best by :math:`Q/T + \\log q`). With M
+            samples the importance-sampled soft value rarely visits actions where
+            :math:`q` is small, so the conservative term rarely pushes Q down there and Q
+            overrates them; weighting by :math:`q` undoes that where it matters for acting.
+            Measured on hopper, N = 1, 3000 updates (README): normalised score 10.3 -> 64.5
+            (expert-only) and 14.5 -> 69.4 (with mixed data).
         proposal_data: data the Box proposal's Gaussian is fitted to, ``"expert"`` or
             ``"offline"``.
         proposal_uniform_weight: weight of the uniform component of the Box proposal.
@@ -157,6 +167,7 @@ class BiCQLML(OfflineModule):
         reward_target: Literal["soft_advantage", "q"] = "soft_advantage",
         num_action_samples: int = 10,
         num_act_candidates: int = 64,
+        act_policy: Literal["boltzmann", "proposal_weighted"] = "boltzmann",
         proposal_data: Literal["expert", "offline"] = "expert",
         proposal_uniform_weight: float = 0.5,
         proposal_hidden_sizes: list[int] = [256, 256],  # noqa: B006
@@ -175,6 +186,8 @@ class BiCQLML(OfflineModule):
             raise ValueError(f"reward_target must be 'soft_advantage' or 'q', got {reward_target!r}")
         if cql_target_gap is not None and alpha <= 0:
             raise ValueError(f"adaptive conservatism (cql_target_gap) needs a positive starting alpha, got {alpha}")
+        if act_policy not in ("boltzmann", "proposal_weighted"):
+            raise ValueError(f"act_policy must be 'boltzmann' or 'proposal_weighted', got {act_policy!r}")
         if proposal_data not in ("expert", "offline"):
             raise ValueError(f"proposal_data must be 'expert' or 'offline', got {proposal_data!r}")
         for name, value in (("q_updates", q_updates), ("reward_updates", reward_updates),
@@ -291,8 +304,11 @@ class BiCQLML(OfflineModule):
         return torch.Generator(device=self.device).manual_seed(self._default_seed() + 1)
 
     def configure_optimizers(self):
-        q_opt = torch.optim.Adam(self.q_net.parameters(), lr=self.hparams.q_lr)
-        r_opt = torch.optim.Adam(self.reward_net.parameters(), lr=self.hparams.reward_lr)
+        # On a GPU the update is bound by kernel launches at these sizes: one fused kernel
+        # per Adam step instead of a few per parameter tensor.
+        fused = self.device.type == "cuda"
+        q_opt = torch.optim.Adam(self.q_net.parameters(), lr=self.hparams.q_lr, fused=fused)
+        r_opt = torch.optim.Adam(self.reward_net.parameters(), lr=self.hparams.reward_lr, fused=fused)
         return q_opt, r_opt
 
     def configure_callbacks(self):
@@ -557,12 +573,19 @@ class BiCQLML(OfflineModule):
         else:
             # Greedy acting must be a function of the observation: fixed candidates.
             gen = torch.Generator(device=enc.device).manual_seed(0) if deterministic else None
-            cands, log_prop = self.proposal.sample(enc, self.hparams.num_act_candidates, generator=gen)  # (B, M, A)
             mode = self.proposal.mode(enc).unsqueeze(1)  # (B, 1, A)
-            cands = torch.cat([mode, cands], 1)
-            log_prop = torch.cat([self.proposal.log_prob(enc, mode), log_prop], 1)
+            if self.hparams.act_policy == "boltzmann":
+                cands, log_prop = self.proposal.sample(enc, self.hparams.num_act_candidates, generator=gen)  # (B, M, A)
+                cands = torch.cat([mode, cands], 1)
+                log_prop = torch.cat([self.proposal.log_prob(enc, mode), log_prop], 1)  # what drew them
+                log_prior = torch.zeros_like(log_prop)
+            else:
+                cands, _ = self.proposal.sample_gaussian(enc, self.hparams.num_act_candidates, generator=gen)
+                cands = torch.cat([mode, cands], 1)
+                log_prop = self.proposal.gaussian_log_prob(enc, cands)  # the Gaussian drew them
+                log_prior = self.proposal.log_prob(enc, cands)  # q(a|s), the mixture trained against
             q = self.q_net(enc, cands).min(0).values  # (B, 1+M)
-            logits = q if deterministic else q / temperature - log_prop
+            logits = q / temperature + log_prior if deterministic else q / temperature + log_prior - log_prop
             pick = logits.argmax(1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
             action = cands[torch.arange(cands.shape[0], device=cands.device), pick]
         out = action.cpu().numpy()

@@ -220,6 +220,11 @@ class ActionProposal(nn.Module):
         log_jacobian = torch.log1p(-unit.pow(2)) + torch.log(self.action_half)
         return (log_normal - log_jacobian).sum(-1)  # (B, M)
 
+    def gaussian_log_prob(self, obs: Tensor, actions: Tensor) -> Tensor:
+        """Log density under the squashed Gaussian alone; shapes as :meth:`log_prob`."""
+        mu, log_std = self._gaussian(obs)
+        return self._log_prob_squashed(mu, log_std, (actions - self.action_center) / self.action_half)
+
     def log_prob(self, obs: Tensor, actions: Tensor) -> Tensor:
         """Mixture log density; obs ``(B, D)`` encoded, actions ``(B, M, A)`` -> ``(B, M)``."""
         unit = (actions - self.action_center) / self.action_half
@@ -267,6 +272,17 @@ class ActionProposal(nn.Module):
         unit = torch.where(pick < self.uniform_weight, uniform * 2 - 1, squashed)
         actions = self.action_center + self.action_half * unit
         return actions, self.log_prob(obs, actions)
+
+    @torch.no_grad()
+    def sample_gaussian(self, obs: Tensor, num_samples: int,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``M`` actions per state from the squashed Gaussian alone, with their log
+        densities under it: ``(B, M, A)`` and ``(B, M)``."""
+        mu, log_std = self._gaussian(obs)
+        normal = torch.randn((obs.shape[0], num_samples, self.act_dim), device=obs.device, dtype=mu.dtype,
+                             generator=generator)
+        unit = torch.tanh(mu.unsqueeze(1) + log_std.exp().unsqueeze(1) * normal)
+        return self.action_center + self.action_half * unit, self._log_prob_squashed(mu, log_std, unit)
 
     @torch.no_grad()
     def mode(self, obs: Tensor) -> Tensor:

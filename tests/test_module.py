@@ -215,3 +215,22 @@ def test_outputs_stay_float32_and_close_under_bf16_autocast(spaces):
     # bf16 hidden layers, float32 heads: errors of the order of bf16's 2^-8, not worse.
     assert (q16 - q32).abs().max() < 0.02 * q32.abs().max()
     assert (r16 - r32).abs().max() < 0.02 * r32.abs().max()
+
+
+def test_proposal_weighted_acting_picks_the_best_q_plus_log_proposal_among_gaussian_candidates():
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=BOX, hidden_sizes=[16], num_act_candidates=8, act_policy="proposal_weighted")
+    obs = make_batch(BOX, batch_size=5)["obs"]
+    action = model.act(obs.numpy())
+    enc = model.encoder(obs)
+    gen = torch.Generator().manual_seed(0)
+    cands, _ = model.proposal.sample_gaussian(enc, 8, generator=gen)
+    cands = torch.cat([model.proposal.mode(enc).unsqueeze(1), cands], 1)
+    with torch.no_grad():
+        score = model.q_net(enc, cands).min(0).values / model.hparams.temperature + model.proposal.log_prob(enc, cands)
+    expected = cands[torch.arange(5), score.argmax(1)]
+    np.testing.assert_allclose(action, expected.numpy(), rtol=1e-6)
+    # Gaussian candidates only: none from the uniform component far from the Gaussian.
+    assert np.all(np.abs(action) <= np.array(BOX["action_high"]))
+    sampled = model.act(obs.numpy(), deterministic=False)
+    assert sampled.shape == (5, 2) and np.isfinite(sampled).all()

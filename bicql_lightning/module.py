@@ -23,13 +23,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 
 from . import losses
 from .base import OfflineModule
-from .distributed import AtomicCheckpointIO, all_reduce_mean_, broadcast_, full_precision, is_distributed
+from .distributed import all_reduce_mean_, broadcast_, full_precision, is_distributed
 from .networks import ActionProposal, ObservationEncoder, QEnsemble, clip_spectral_norm_, mlp_hidden_weight_groups
 from .reward import RewardNet
 from .spaces import SpaceSpec, check_spec
@@ -226,36 +224,6 @@ class BiCQLML(OfflineModule):
             # not part of what DDP's reducer tracks.
             self.proposal.requires_grad_(False)
         self.built = True
-
-    def setup(self, stage: str) -> None:
-        self._check_strategy()
-        self._install_atomic_checkpoint_io()
-        if self.built:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            if datamodule is not None and hasattr(datamodule, "spaces") and datamodule.spaces != self.spaces:
-                raise ValueError(
-                    f"The model was built for spaces {self.spaces} but the data module serves "
-                    f"{datamodule.spaces}. Use a dataset of the same environment, or a new model."
-                )
-            return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "spaces"):
-            raise ValueError("BiCQLML(spaces=None) needs an OfflineIRLDataModule to take its spaces from.")
-        self._build(datamodule.spaces)
-
-    def _check_strategy(self) -> None:
-        strategy = self.trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise ValueError(
-                f"BiCQLML trains on one device or with DDP (strategy='ddp', 'ddp_spawn', ...), not "
-                f"with {type(strategy).__name__}: its networks are small and replicated on every "
-                "process, and it averages gradients itself."
-            )
-
-    def _install_atomic_checkpoint_io(self) -> None:
-        strategy = self.trainer.strategy
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:
-            strategy.checkpoint_io = AtomicCheckpointIO()
 
     # ------------------------------------------------------------------ distributed
     def _mean_over_ranks(self, metrics: losses.Metrics) -> losses.Metrics:

@@ -92,6 +92,12 @@ class BiCQLML(OfflineModule):
             surrogate :math:`Q(s,a) - \gamma(1-\text{terminated})V(s')`) or ``"q"``
             (:math:`Q(s,a)` itself, no soft value: an ablation; its fixed point is the
             soft-optimal Q only when :math:`\gamma = 0`).
+        cql_value_with_data_action: Box actions: the conservative term's soft value
+            :math:`V(s)` is estimated from the data action and the M proposal samples
+            together (each weighted by :math:`1/q`), instead of the samples alone. The
+            data action then sits inside the partition estimate, as the positive does in
+            InfoNCE: once Q ranks it above the samples the term stops pushing, rather than
+            driving Q(s, a) ever higher against a few samples.
         num_action_samples: ``M``, proposal samples per state for the Box soft value.
         num_act_candidates: candidates per state when acting with Box actions.
         act_policy: the Box-action controller. ``"boltzmann"``: the paper's
@@ -163,6 +169,7 @@ class BiCQLML(OfflineModule):
         spectral_norm: bool = False,
         reward_spectral_norm: bool = False,
         reward_target: Literal["soft_advantage", "q"] = "soft_advantage",
+        cql_value_with_data_action: bool = False,
         num_action_samples: int = 10,
         num_act_candidates: int = 64,
         act_policy: Literal["boltzmann", "proposal_weighted"] = "boltzmann",
@@ -339,7 +346,11 @@ class BiCQLML(OfflineModule):
         samples, log_prop = self._sample_actions(obs)  # (B, M, A), (B, M)
         actions = torch.cat([batch["action"].unsqueeze(1), samples], dim=1)  # (B, 1+M, A)
         q = full_precision(net(obs, actions))  # (E, B, 1+M)
-        value = losses.sampled_soft_value(q[..., 1:], log_prop, self.hparams.temperature)
+        if self.hparams.cql_value_with_data_action:
+            log_data = self.proposal.log_prob(obs, batch["action"].unsqueeze(1))  # (B, 1)
+            value = losses.sampled_soft_value(q, torch.cat([log_data, log_prop], 1), self.hparams.temperature)
+        else:
+            value = losses.sampled_soft_value(q[..., 1:], log_prop, self.hparams.temperature)
         return q[..., 0], value, q[..., 1:].mean(2)
 
     def _min_soft_value(self, net: QEnsemble, obs_raw: Tensor, segments: Sequence[int] | None = None,

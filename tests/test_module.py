@@ -1,5 +1,7 @@
 """BiCQLML's objectives: where gradients flow, shapes and finiteness for both action kinds."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -234,3 +236,19 @@ def test_proposal_weighted_acting_picks_the_best_q_plus_log_proposal_among_gauss
     assert np.all(np.abs(action) <= np.array(BOX["action_high"]))
     sampled = model.act(obs.numpy(), deterministic=False)
     assert sampled.shape == (5, 2) and np.isfinite(sampled).all()
+
+
+def test_cql_value_with_data_action_puts_the_data_action_inside_the_partition_estimate():
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=BOX, hidden_sizes=[16], num_action_samples=4, cql_value_with_data_action=True,
+                    temperature=0.5, proposal_seed=1)
+    batch = make_batch(BOX, batch_size=6)
+    q_data, value, _ = model._q_and_value(model.q_net, batch)  # (E, B) each
+    obs = model.encoder(batch["obs"])
+    log_data = model.proposal.log_prob(obs, batch["action"].unsqueeze(1)).squeeze(1)  # (B,)
+    # The data action's own term alone bounds the estimate from below:
+    # V >= T (Q(s,a)/T - log q(a|s) - log(M + 1)), so V - Q(s,a) >= -T (log q(a|s) + log(M + 1)).
+    bound = -0.5 * (log_data + math.log(5))
+    assert torch.all(value - q_data >= bound - 1e-5)
+    # and with the samples' terms added it is strictly above that bound.
+    assert torch.all(value - q_data > bound + 1e-6)

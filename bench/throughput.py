@@ -105,9 +105,10 @@ def lever_settings(model: dict, precision: str) -> list[tuple[str, dict, str, bo
 def time_bicql(dataset_id: str, model_kwargs: dict, precision: str, shared: bool, accelerator: str,
                repeats: int, window: int, warmup: int) -> tuple[list[float], float]:
     data = dict(expert_dataset=dataset_id, batch_size=BATCH, batches_per_epoch=warmup + window * repeats + 1)
-    # The same transitions as D, but a second store: two batches are drawn and scored.
-    data.update(offline_dataset=None) if shared else data.update(offline_dataset=dataset_id,
-                                                                 include_expert_in_offline=False)
+    if shared:
+        data.update(offline_dataset=None)
+    else:  # the same transitions as D, but a second store: two batches are drawn and scored
+        data.update(offline_dataset=dataset_id, include_expert_in_offline=False)
     dm = OfflineIRLDataModule(**data)
     model = BiCQLML(spaces=dm.spaces, **{**model_kwargs, "proposal_fit_steps": 200})
     timer = _Windows(warmup, window)

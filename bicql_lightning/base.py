@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .distributed import AtomicCheckpointIO, all_reduce_mean_, is_distributed
 from .losses import Metrics
+from .networks import ObservationEncoder
 from .reward import CHECKPOINT_KEY, check_checkpoint_model, read_checkpoint
 from .spaces import SpaceSpec, check_spec
 
@@ -53,6 +54,14 @@ class OfflineModule(LightningModule):
 
     def _build(self, spaces: SpaceSpec) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _adopt_spaces(self, spaces: SpaceSpec) -> None:
+        """What every ``_build`` starts with: the spaces (also as a hyperparameter, so a
+        checkpoint rebuilds the networks) and the observation encoder."""
+        self.hparams["spaces"] = dict(spaces)
+        self.spaces = spaces
+        self.discrete = spaces["action_kind"] == "discrete"
+        self.encoder = ObservationEncoder(spaces["obs_kind"], spaces["obs_dim"])
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:

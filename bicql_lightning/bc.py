@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from .base import OfflineModule
 from .losses import Metrics
 from .distributed import full_precision
-from .networks import ObservationEncoder, mlp
+from .networks import mlp
 from .spaces import SpaceSpec, check_spec
 
 Batch = dict[str, Tensor]
@@ -303,10 +303,7 @@ class BehaviorCloning(OfflineModule):
 
     def _build(self, spaces: SpaceSpec) -> None:
         hp = self.hparams
-        self.hparams["spaces"] = dict(spaces)
-        self.spaces = spaces
-        self.discrete = spaces["action_kind"] == "discrete"
-        self.encoder = ObservationEncoder(spaces["obs_kind"], spaces["obs_dim"])
+        self._adopt_spaces(spaces)
         if self.discrete:
             self.policy: nn.Module = mlp(spaces["obs_dim"], hp.hidden_sizes, spaces["action_dim"])
         else:

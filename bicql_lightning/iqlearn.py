@@ -45,7 +45,7 @@ from .base import OfflineModule
 from .bc import Batch, GaussianPolicy, frozen
 from .losses import Metrics
 from .distributed import full_precision
-from .networks import ObservationEncoder, QEnsemble
+from .networks import QEnsemble
 from .spaces import SpaceSpec, check_spec
 
 
@@ -212,11 +212,8 @@ class IQLearn(OfflineModule):
     # ------------------------------------------------------------------ construction
     def _build(self, spaces: SpaceSpec) -> None:
         hp = self.hparams
-        self.hparams["spaces"] = dict(spaces)
-        self.spaces = spaces
-        self.discrete = spaces["action_kind"] == "discrete"
+        self._adopt_spaces(spaces)
         self.use_target = (not self.discrete) if hp.use_target is None else bool(hp.use_target)
-        self.encoder = ObservationEncoder(spaces["obs_kind"], spaces["obs_dim"])
         self.q_net = QEnsemble(spaces, hp.hidden_sizes, ensemble_size=2 if hp.twin_critics else 1)
         # Always present (so a configured TargetNetworkUpdate works); read only with use_target.
         self.target_q_net = copy.deepcopy(self.q_net).requires_grad_(False)

@@ -28,7 +28,7 @@ from torch import Tensor
 from . import losses
 from .base import OfflineModule
 from .distributed import all_reduce_mean_, broadcast_, full_precision, is_distributed
-from .networks import ActionProposal, ObservationEncoder, QEnsemble, clip_spectral_norm_, mlp_hidden_weight_groups
+from .networks import ActionProposal, QEnsemble, clip_spectral_norm_, mlp_hidden_weight_groups
 from .reward import RewardNet
 from .spaces import SpaceSpec, check_spec
 
@@ -217,10 +217,7 @@ class BiCQLML(OfflineModule):
     # ------------------------------------------------------------------ construction
     def _build(self, spaces: SpaceSpec) -> None:
         hp = self.hparams
-        self.hparams["spaces"] = dict(spaces)
-        self.spaces = spaces
-        self.discrete = spaces["action_kind"] == "discrete"
-        self.encoder = ObservationEncoder(spaces["obs_kind"], spaces["obs_dim"])
+        self._adopt_spaces(spaces)
         self.q_net = QEnsemble(spaces, hp.hidden_sizes, ensemble_size=2)
         self.target_q_net = copy.deepcopy(self.q_net).requires_grad_(False)
         self.reward_net = RewardNet(spaces, hp.reward_hidden_sizes, hp.reward_bound)
@@ -559,9 +556,9 @@ class BiCQLML(OfflineModule):
                 log_prop = torch.cat([self.proposal.log_prob(enc, mode), log_prop], 1)  # what drew them
                 log_prior = torch.zeros_like(log_prop)
             else:
-                cands, _ = self.proposal.sample_gaussian(enc, self.hparams.num_act_candidates, generator=gen)
+                cands, log_prop = self.proposal.sample_gaussian(enc, self.hparams.num_act_candidates, generator=gen)
                 cands = torch.cat([mode, cands], 1)
-                log_prop = self.proposal.gaussian_log_prob(enc, cands)  # the Gaussian drew them
+                log_prop = torch.cat([self.proposal.gaussian_log_prob(enc, mode), log_prop], 1)  # what drew them
                 log_prior = self.proposal.log_prob(enc, cands)  # q(a|s), the mixture trained against
             q = self.q_net(enc, cands).min(0).values  # (B, 1+M)
             logits = q / temperature + log_prior if deterministic else q / temperature + log_prior - log_prop

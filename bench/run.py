@@ -34,10 +34,12 @@ from bicql_lightning import OfflineIRLDataModule, RolloutEvaluation, load_transi
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = {
     "quick": {"seeds": [0], "cells": [("expert-only", 1), ("expert-only", 10), ("with-mixed", 1)],
-              "algos": ["bicql", "bc"]},
+              "algos": ["bicql", "bc", "bc_all"]},
     "full": {"seeds": [0, 1, 2], "cells": [("expert-only", 1), ("expert-only", 10), ("with-mixed", 1),
-                                           ("with-mixed", 10)], "algos": ["bicql", "bc", "iqlearn"]},
+                                           ("with-mixed", 10)], "algos": ["bicql", "bc", "bc_all", "iqlearn"]},
 }
+# BC on all of D differs from BC on D_E only where D holds more than D_E.
+ONLY_REGIMES = {"bc_all": {"with-mixed"}}
 EVAL_SEEDS = (10000, 10)  # first seed, episodes
 
 
@@ -118,6 +120,15 @@ def run_cell(task, regime: str, n: int, algo: str, seed: int, config: dict) -> d
     }
 
 
+def claim(path: Path) -> bool:
+    """True for the one process that creates ``path``."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def cell_key(row: dict) -> tuple:
     return row["task"], row["regime"], row["N"], row["algo"], row["seed"]
 
@@ -131,6 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--algos", nargs="*", default=None)
     parser.add_argument("--tasks", nargs="*", default=None)
     parser.add_argument("--configs", default=str(ROOT / "configs" / "bench"), help="folder of <algo>.yaml")
+    parser.add_argument("--seeds", nargs="*", type=int, default=None, help="a subset of the tier's seeds")
+    parser.add_argument("--accelerator", default=None,
+                        help="overrides the configs' trainer.accelerator (e.g. gpu); recorded in each row")
+    parser.add_argument("--claims", default=None,
+                        help="folder shared by several bench.run processes on one machine: each cell is "
+                             "claimed by one (a file created exclusively) and skipped by the others")
     args = parser.parse_args(argv)
     os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
     tier = TIERS[args.tier]
@@ -140,19 +157,28 @@ def main(argv: list[str] | None = None) -> None:
     if results.exists():
         done = {cell_key(json.loads(line)) for line in results.read_text().splitlines() if line.strip()}
     results.parent.mkdir(parents=True, exist_ok=True)
-    for task in tasks:
-        for regime, n in tier["cells"]:
-            for algo in args.algos or tier["algos"]:
-                config = yaml.safe_load((Path(args.configs) / f"{algo}.yaml").read_text())
-                for seed in tier["seeds"]:
-                    if (task.name, regime, n, algo, seed) in done:
-                        continue
-                    row = run_cell(task, regime, n, algo, seed, config)
-                    with results.open("a") as fh:
-                        fh.write(json.dumps(row) + "\n")
-                    print(f"{task.name} {regime} N={n} {algo} seed={seed}: score={row['normalized_score']:.1f} "
-                          f"corr_mixed={row['reward_corr_mixed']} updates={row['updates']} wall={row['wall_s']}s",
-                          flush=True)
+    claims = Path(args.claims) if args.claims else None
+    if claims is not None:
+        claims.mkdir(parents=True, exist_ok=True)
+    cells = [(task, regime, n, algo, seed) for task in tasks for regime, n in tier["cells"]
+             for algo in args.algos or tier["algos"] for seed in tier["seeds"]
+             if (task.name, regime, n, algo, seed) not in done and (args.seeds is None or seed in args.seeds)
+             and regime in ONLY_REGIMES.get(algo, {regime})]
+    if claims is not None:
+        # Several processes drain one queue: the longest cells first, so none is left alone at the end.
+        cells.sort(key=lambda c: (c[1] != "with-mixed", -c[2], ["bicql", "iqlearn"].index(c[3])
+                                  if c[3] in ("bicql", "iqlearn") else 2))
+    for task, regime, n, algo, seed in cells:
+        if claims is not None and not claim(claims / f"{task.name}_{regime}_{n}_{algo}_{seed}"):
+            continue
+        config = yaml.safe_load((Path(args.configs) / f"{algo}.yaml").read_text())
+        if args.accelerator:
+            config.setdefault("trainer", {})["accelerator"] = args.accelerator
+        row = run_cell(task, regime, n, algo, seed, config)
+        with results.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(f"{task.name} {regime} N={n} {algo} seed={seed}: score={row['normalized_score']:.1f} "
+              f"corr_mixed={row['reward_corr_mixed']} updates={row['updates']} wall={row['wall_s']}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,11 @@ class BiCQLML(OfflineModule):
             overrates them; weighting by :math:`q` undoes that where it matters for acting.
             Measured on hopper, N = 1, 3000 updates (README): normalised score 10.3 -> 64.5
             (expert-only) and 14.5 -> 69.4 (with mixed data).
+        act_temperature: the temperature of the acting policy; ``None`` (default) is
+            ``temperature``, the paper's choice. With ``"proposal_weighted"`` it sets how far
+            Q may move the controller from the proposal: :math:`Q/T_\text{act} + \log q` is
+            the KL-regularised improvement of :math:`q` with coefficient :math:`T_\text{act}`.
+            Training never uses it.
         proposal_data: data the Box proposal's Gaussian is fitted to, ``"expert"`` or
             ``"offline"``.
         proposal_uniform_weight: weight of the uniform component of the Box proposal.
@@ -173,6 +178,7 @@ class BiCQLML(OfflineModule):
         num_action_samples: int = 10,
         num_act_candidates: int = 64,
         act_policy: Literal["boltzmann", "proposal_weighted"] = "boltzmann",
+        act_temperature: float | None = None,
         proposal_data: Literal["expert", "offline"] = "expert",
         proposal_uniform_weight: float = 0.5,
         proposal_hidden_sizes: list[int] = [256, 256],  # noqa: B006
@@ -203,6 +209,9 @@ class BiCQLML(OfflineModule):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if act_temperature is not None and act_temperature <= 0:
+            raise ValueError(f"act_temperature must be positive (or null: the training temperature), "
+                             f"got {act_temperature}")
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"gamma must be in [0, 1), got {gamma}")
         self.save_hyperparameters()
@@ -528,9 +537,15 @@ class BiCQLML(OfflineModule):
         self.log("val/reward_mean", self.reward_net(expert["obs"], expert["action"]).mean(), sync_dist=True)
 
     # ------------------------------------------------------------------ acting
+    @property
+    def act_temperature(self) -> float:
+        t = self.hparams.get("act_temperature")  # absent from checkpoints older than the option
+        return self.hparams.temperature if t is None else t
+
     @torch.no_grad()
     def act(self, obs: np.ndarray | Tensor, deterministic: bool = True) -> np.ndarray:
-        """Action(s) of the Boltzmann policy :math:`\\pi(a|s)\\propto\\exp(Q(s,a)/T)` for raw observations.
+        """Action(s) of the Boltzmann policy :math:`\\pi(a|s)\\propto\\exp(Q(s,a)/T)` for raw observations
+        (:math:`T` = ``act_temperature``, by default the training temperature).
 
         ``deterministic`` takes the argmax (Discrete) or the best of the proposal's
         candidates (Box); otherwise actions are sampled, for Box by importance
@@ -542,7 +557,7 @@ class BiCQLML(OfflineModule):
         if single:
             obs_t = obs_t.unsqueeze(0)
         enc = self.encoder(obs_t)
-        temperature = self.hparams.temperature
+        temperature = self.act_temperature
         if self.discrete:
             q = self.q_net(enc).min(0).values  # (B, A)
             action = q.argmax(1) if deterministic else torch.distributions.Categorical(logits=q / temperature).sample()

@@ -238,6 +238,28 @@ def test_proposal_weighted_acting_picks_the_best_q_plus_log_proposal_among_gauss
     assert sampled.shape == (5, 2) and np.isfinite(sampled).all()
 
 
+def test_act_temperature_moves_proposal_weighted_acting_between_q_and_the_proposal():
+    torch.manual_seed(0)
+    obs = make_batch(BOX, batch_size=5)["obs"]
+    model = BiCQLML(spaces=BOX, hidden_sizes=[16], num_act_candidates=8, act_policy="proposal_weighted")
+    enc = model.encoder(obs)
+    gen = torch.Generator().manual_seed(0)
+    cands, _ = model.proposal.sample_gaussian(enc, 8, generator=gen)
+    cands = torch.cat([model.proposal.mode(enc).unsqueeze(1), cands], 1)
+    with torch.no_grad():
+        q = model.q_net(enc, cands).min(0).values
+        log_q = model.proposal.log_prob(enc, cands)
+    rows = torch.arange(5)
+    assert not torch.equal(q.argmax(1), log_q.argmax(1))  # the two limits pick differently
+    for t_act, score in ((1e-6, q), (1e6, log_q), (0.5, q / 0.5 + log_q)):
+        model.hparams.act_temperature = t_act
+        np.testing.assert_allclose(model.act(obs.numpy()), cands[rows, score.argmax(1)].numpy(), rtol=1e-6)
+    # Nothing in training reads it, and the default is the training temperature.
+    assert BiCQLML(spaces=BOX, temperature=0.3).act_temperature == 0.3
+    with pytest.raises(ValueError, match="act_temperature must be positive"):
+        BiCQLML(spaces=BOX, act_temperature=0.0)
+
+
 def test_cql_value_with_data_action_puts_the_data_action_inside_the_partition_estimate():
     torch.manual_seed(0)
     model = BiCQLML(spaces=BOX, hidden_sizes=[16], num_action_samples=4, cql_value_with_data_action=True,

@@ -17,9 +17,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine() -> str:
-    """CPU model and cores, and the GPU when torch sees one."""
+def machine(gpu_used: bool | None = None) -> str:
+    """CPU model and cores, and the GPU when torch sees one (and, if ``gpu_used`` is given, it was used)."""
     import torch
 
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    show = torch.cuda.is_available() if gpu_used is None else gpu_used and torch.cuda.is_available()
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if show else ""
     return f"{cpu_model()}, {os.cpu_count()} cores{gpu}"

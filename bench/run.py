@@ -44,6 +44,8 @@ EVAL_SEEDS = (10000, 10)  # first seed, episodes
 
 
 def git_commit() -> str:
+    if os.environ.get("BENCH_COMMIT"):  # a copy of the tree without .git (e.g. a lent GPU machine)
+        return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -116,8 +118,24 @@ def run_cell(task, regime: str, n: int, algo: str, seed: int, config: dict) -> d
         "reward_corr_mixed": reward_correlation(model, task.dataset_id("mixed")),
         "reward_corr_heldout": reward_correlation(model, task.dataset_id("heldout-expert")),
         "updates": int(model.updates), "optimizer_steps": int(trainer.global_step), "wall_s": round(wall, 1),
-        "machine": machine(), "config": config, "versions": versions(), "commit": git_commit(),
+        "machine": machine(gpu_used=trainer_args.get("accelerator") in ("gpu", "cuda")) + threads(), "config": config, "versions": versions(), "commit": git_commit(),
     }
+
+
+def append_line(path: Path, line: str) -> None:
+    """One ``write`` in append mode, so that processes sharing the file never interleave rows."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def in_tier(tier: str | None, regime: str, n: int, algo: str, seed: int) -> bool:
+    if tier is None:
+        return False
+    spec = TIERS[tier]
+    return (regime, n) in spec["cells"] and algo in spec["algos"] and seed in spec["seeds"]
 
 
 def claim(path: Path) -> bool:
@@ -127,6 +145,10 @@ def claim(path: Path) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+def threads() -> str:
+    return f", {torch.get_num_threads()} threads"
 
 
 def cell_key(row: dict) -> tuple:
@@ -145,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=None, help="a subset of the tier's seeds")
     parser.add_argument("--accelerator", default=None,
                         help="overrides the configs' trainer.accelerator (e.g. gpu); recorded in each row")
+    parser.add_argument("--exclude-tier", choices=sorted(TIERS), default=None,
+                        help="skip the cells of this tier (e.g. the full tier's remainder after a quick tier run elsewhere)")
     parser.add_argument("--claims", default=None,
                         help="folder shared by several bench.run processes on one machine: each cell is "
                              "claimed by one (a file created exclusively) and skipped by the others")
@@ -163,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     cells = [(task, regime, n, algo, seed) for task in tasks for regime, n in tier["cells"]
              for algo in args.algos or tier["algos"] for seed in tier["seeds"]
              if (task.name, regime, n, algo, seed) not in done and (args.seeds is None or seed in args.seeds)
-             and regime in ONLY_REGIMES.get(algo, {regime})]
+             and regime in ONLY_REGIMES.get(algo, {regime}) and not in_tier(args.exclude_tier, regime, n, algo, seed)]
     if claims is not None:
         # Several processes drain one queue: the longest cells first, so none is left alone at the end.
         cells.sort(key=lambda c: (c[1] != "with-mixed", -c[2], ["bicql", "iqlearn"].index(c[3])
@@ -175,8 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.accelerator:
             config.setdefault("trainer", {})["accelerator"] = args.accelerator
         row = run_cell(task, regime, n, algo, seed, config)
-        with results.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_line(results, json.dumps(row))
         print(f"{task.name} {regime} N={n} {algo} seed={seed}: score={row['normalized_score']:.1f} "
               f"corr_mixed={row['reward_corr_mixed']} updates={row['updates']} wall={row['wall_s']}s", flush=True)
 

@@ -14,7 +14,7 @@ RESULTS=${3:?merged JSON-lines file}
 WORKERS=${4:-$(nproc)}
 DEADLINE=${5:-3600}
 GPU_WORKERS=${6:-0}
-WORK=$(mktemp -d)
+WORK=${LOG_DIR:-$(mktemp -d)}; mkdir -p "$WORK"  # worker logs
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
 mkdir -p "$(dirname "$RESULTS")"
 touch "$RESULTS"

@@ -18,6 +18,7 @@ fixed proposal fitted to data before training.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -115,6 +116,12 @@ class BiCQLML(OfflineModule):
             Q may move the controller from the proposal: :math:`Q/T_\text{act} + \log q` is
             the KL-regularised improvement of :math:`q` with coefficient :math:`T_\text{act}`.
             Training never uses it.
+        act_candidate_scale: ``"proposal_weighted"`` only: the acting candidates are drawn
+            from the proposal's Gaussian with its standard deviation times this factor (the
+            scores still use the proposal's own density). Below 1 the controller chooses
+            among actions near the proposal's mode: with noisy demonstrations Q's best
+            candidate far from the mode tends to reproduce the noise of the one data action
+            it was fitted on (hopper, 0.5 against 1: README).
         proposal_data: data the Box proposal's Gaussian is fitted to, ``"expert"`` or
             ``"offline"``.
         proposal_uniform_weight: weight of the uniform component of the Box proposal.
@@ -179,6 +186,7 @@ class BiCQLML(OfflineModule):
         num_act_candidates: int = 64,
         act_policy: Literal["boltzmann", "proposal_weighted"] = "boltzmann",
         act_temperature: float | None = None,
+        act_candidate_scale: float = 1.0,
         proposal_data: Literal["expert", "offline"] = "expert",
         proposal_uniform_weight: float = 0.5,
         proposal_hidden_sizes: list[int] = [256, 256],  # noqa: B006
@@ -209,6 +217,8 @@ class BiCQLML(OfflineModule):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if act_candidate_scale <= 0:
+            raise ValueError(f"act_candidate_scale must be positive, got {act_candidate_scale}")
         if act_temperature is not None and act_temperature <= 0:
             raise ValueError(f"act_temperature must be positive (or null: the training temperature), "
                              f"got {act_temperature}")
@@ -571,9 +581,12 @@ class BiCQLML(OfflineModule):
                 log_prop = torch.cat([self.proposal.log_prob(enc, mode), log_prop], 1)  # what drew them
                 log_prior = torch.zeros_like(log_prop)
             else:
-                cands, log_prop = self.proposal.sample_gaussian(enc, self.hparams.num_act_candidates, generator=gen)
+                scale = self.hparams.get("act_candidate_scale", 1.0)  # absent from older checkpoints
+                cands, log_prop = self.proposal.sample_gaussian(enc, self.hparams.num_act_candidates, generator=gen,
+                                                                std_scale=scale)
                 cands = torch.cat([mode, cands], 1)
-                log_prop = torch.cat([self.proposal.gaussian_log_prob(enc, mode), log_prop], 1)  # what drew them
+                log_mode = self.proposal.gaussian_log_prob(enc, mode) - math.log(scale) * self.proposal.act_dim
+                log_prop = torch.cat([log_mode, log_prop], 1)  # what drew them
                 log_prior = self.proposal.log_prob(enc, cands)  # q(a|s), the mixture trained against
             q = self.q_net(enc, cands).min(0).values  # (B, 1+M)
             logits = q / temperature + log_prior if deterministic else q / temperature + log_prior - log_prop

@@ -274,11 +274,13 @@ class ActionProposal(nn.Module):
         return actions, self.log_prob(obs, actions)
 
     @torch.no_grad()
-    def sample_gaussian(self, obs: Tensor, num_samples: int,
-                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """``M`` actions per state from the squashed Gaussian alone, with their log
-        densities under it: ``(B, M, A)`` and ``(B, M)``."""
+    def sample_gaussian(self, obs: Tensor, num_samples: int, generator: torch.Generator | None = None,
+                        std_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+        """``M`` actions per state from the squashed Gaussian alone, its standard deviation
+        times ``std_scale``, with their log densities under that Gaussian (what drew them):
+        ``(B, M, A)`` and ``(B, M)``."""
         mu, log_std = self._gaussian(obs)
+        log_std = log_std + math.log(std_scale)
         normal = torch.randn((obs.shape[0], num_samples, self.act_dim), device=obs.device, dtype=mu.dtype,
                              generator=generator)
         unit = torch.tanh(mu.unsqueeze(1) + log_std.exp().unsqueeze(1) * normal)

@@ -260,6 +260,31 @@ def test_act_temperature_moves_proposal_weighted_acting_between_q_and_the_propos
         BiCQLML(spaces=BOX, act_temperature=0.0)
 
 
+def test_act_candidate_scale_draws_the_candidates_nearer_the_proposal_mode():
+    torch.manual_seed(0)
+    obs = make_batch(BOX, batch_size=64)["obs"]
+    model = BiCQLML(spaces=BOX, hidden_sizes=[16], num_act_candidates=8, act_policy="proposal_weighted",
+                    act_candidate_scale=0.25)
+    enc = model.encoder(obs)
+    gen = torch.Generator().manual_seed(0)
+    wide, log_wide = model.proposal.sample_gaussian(enc, 8, generator=gen)
+    gen = torch.Generator().manual_seed(0)
+    near, log_near = model.proposal.sample_gaussian(enc, 8, generator=gen, std_scale=0.25)
+    mode = model.proposal.mode(enc).unsqueeze(1)
+    assert (near - mode).abs().mean() < 0.35 * (wide - mode).abs().mean()
+    # The returned densities are those of the narrower Gaussian that drew the candidates.
+    mu, log_std = model.proposal._gaussian(enc)
+    unit = (near - model.proposal.action_center) / model.proposal.action_half
+    expected = model.proposal._log_prob_squashed(mu, log_std + math.log(0.25), unit)
+    torch.testing.assert_close(log_near, expected)
+    cands = torch.cat([mode, near], 1)
+    with torch.no_grad():
+        score = model.q_net(enc, cands).min(0).values / model.act_temperature + model.proposal.log_prob(enc, cands)
+    np.testing.assert_allclose(model.act(obs.numpy()), cands[torch.arange(64), score.argmax(1)].numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="act_candidate_scale must be positive"):
+        BiCQLML(spaces=BOX, act_candidate_scale=0.0)
+
+
 def test_cql_value_with_data_action_puts_the_data_action_inside_the_partition_estimate():
     torch.manual_seed(0)
     model = BiCQLML(spaces=BOX, hidden_sizes=[16], num_action_samples=4, cql_value_with_data_action=True,

@@ -1,4 +1,4 @@
-"""Tabular sanity benchmark: BiCQL-ML against exact answers on small MDPs.
+r"""Tabular sanity benchmark: BiCQL-ML against exact answers on small MDPs.
 
 On the deterministic 8x8 gridworld and Garnet MDPs (seeds 0.., S 20..50, A 4..5,
 branching 3) of :mod:`bicql_lightning.tabular`, with gamma (0.9) and temperature (1.0)

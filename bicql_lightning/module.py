@@ -45,16 +45,16 @@ def _cat(a: Batch, b: Batch) -> Batch:
 
 
 class BiCQLML(OfflineModule):
-    """Offline inverse RL by bi-level conservative Q-learning and maximum likelihood.
+    r"""Offline inverse RL by bi-level conservative Q-learning and maximum likelihood.
 
     Args:
         spaces: observation/action spaces as a :class:`SpaceSpec` dict. Left ``None``,
             it is taken from the data module at ``setup`` (the CLI links it).
         hidden_sizes: hidden widths of each twin Q network.
         reward_hidden_sizes: hidden widths of the reward network.
-        gamma: discount :math:`\\gamma`.
+        gamma: discount :math:`\gamma`.
         temperature: Boltzmann temperature :math:`T` of the soft value and the policy.
-        alpha: CQL coefficient :math:`\\alpha`.
+        alpha: CQL coefficient :math:`\alpha`.
         cql_data: pairs the conservative term is taken on: ``"offline"`` (CQL(H) on
             :math:`D`), ``"expert"`` (the expert likelihood), or ``"both"``. V and Q are
             always taken at the same states.
@@ -62,15 +62,15 @@ class BiCQLML(OfflineModule):
         reward_updates: :math:`K_R`, reward updates per step (on the same expert batch).
         q_lr: Adam learning rate of the Q networks.
         reward_lr: Adam learning rate of the reward network.
-        reward_bound: ``b > 0`` bounds the reward as :math:`b\\tanh(r/b)`, pinning the
+        reward_bound: ``b > 0`` bounds the reward as :math:`b\tanh(r/b)`, pinning the
             loop's neutral direction; ``0`` leaves it unbounded.
         reward_on_offline: also regress the reward onto the soft advantage on the offline
-            pairs, so :math:`r_\\theta` is fitted wherever Q-learning bootstraps through it.
+            pairs, so :math:`r_\theta` is fitted wherever Q-learning bootstraps through it.
         advantage_net: the Q network whose soft advantage the reward is regressed onto:
             ``"online"`` (the paper's :math:`Q` right after its update) or ``"target"``
-            (the Polyak-averaged :math:`\\bar Q` that the TD targets use). With
+            (the Polyak-averaged :math:`\bar Q` that the TD targets use). With
             ``"target"`` the reward follows the slower network (a two-timescale loop) and
-            the soft values :math:`\\bar V(s')` of the step's TD targets are reused: one
+            the soft values :math:`\bar V(s')` of the step's TD targets are reused: one
             sampled soft value less per update, about a fifth of a Box update's work.
         cql_target_gap: adaptive conservatism (CQL-Lagrange): ``None`` keeps
             :math:`\alpha` = ``alpha`` fixed; a number :math:`\tau` tunes :math:`\alpha` by
@@ -102,10 +102,10 @@ class BiCQLML(OfflineModule):
         num_action_samples: ``M``, proposal samples per state for the Box soft value.
         num_act_candidates: candidates per state when acting with Box actions.
         act_policy: the Box-action controller. ``"boltzmann"``: the paper's
-            :math:`\\pi(a|s)\\propto\\exp(Q(s,a)/T)` over candidates from the proposal
+            :math:`\pi(a|s)\propto\exp(Q(s,a)/T)` over candidates from the proposal
             (greedy: the best candidate by Q). ``"proposal_weighted"``:
-            :math:`\\pi(a|s)\\propto q(a|s)\\exp(Q(s,a)/T)` over candidates from the
-            proposal's Gaussian (greedy: the best by :math:`Q/T + \\log q`). With M
+            :math:`\pi(a|s)\propto q(a|s)\exp(Q(s,a)/T)` over candidates from the
+            proposal's Gaussian (greedy: the best by :math:`Q/T + \log q`). With M
             samples the importance-sampled soft value rarely visits actions where
             :math:`q` is small, so the conservative term rarely pushes Q down there and Q
             overrates them; weighting by :math:`q` undoes that where it matters for acting.

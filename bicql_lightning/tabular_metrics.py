@@ -179,7 +179,7 @@ class TabularTask:
 
     @property
     def weights(self) -> np.ndarray:
-        """``(S, A)`` weights of ``reward_dist``: the expert's state-action visitation
+        r"""``(S, A)`` weights of ``reward_dist``: the expert's state-action visitation
         :math:`d_E(s)\,\pi^*(a|s)` (where demonstrations put their pairs)."""
         return self.d_E[:, None] * self.pi_star
 

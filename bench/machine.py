@@ -17,10 +17,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine(gpu_used: bool | None = None) -> str:
-    """CPU model and cores, and the GPU when torch sees one (and, if ``gpu_used`` is given, it was used)."""
+def machine(gpu_used: bool | None = None, threads: bool = False) -> str:
+    """CPU model and cores, the GPU when torch sees one (and, if ``gpu_used`` is given, it
+    was used), and with ``threads`` torch's intra-op thread count."""
     import torch
 
     show = torch.cuda.is_available() if gpu_used is None else gpu_used and torch.cuda.is_available()
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if show else ""
-    return f"{cpu_model()}, {os.cpu_count()} cores{gpu}"
+    count = f", {torch.get_num_threads()} threads" if threads else ""
+    return f"{cpu_model()}, {os.cpu_count()} cores{gpu}{count}"

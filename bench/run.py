@@ -40,6 +40,8 @@ TIERS = {
 }
 # BC on all of D differs from BC on D_E only where D holds more than D_E.
 ONLY_REGIMES = {"bc_all": {"with-mixed"}}
+# Queue order for several processes (--claims): the longest cells first.
+COST_RANK = {"bicql": 0, "iqlearn": 1}
 EVAL_SEEDS = (10000, 10)  # first seed, episodes
 
 
@@ -118,7 +120,8 @@ def run_cell(task, regime: str, n: int, algo: str, seed: int, config: dict) -> d
         "reward_corr_mixed": reward_correlation(model, task.dataset_id("mixed")),
         "reward_corr_heldout": reward_correlation(model, task.dataset_id("heldout-expert")),
         "updates": int(model.updates), "optimizer_steps": int(trainer.global_step), "wall_s": round(wall, 1),
-        "machine": machine(gpu_used=trainer_args.get("accelerator") in ("gpu", "cuda")) + threads(), "config": config, "versions": versions(), "commit": git_commit(),
+        "machine": machine(gpu_used=trainer_args.get("accelerator") in ("gpu", "cuda"), threads=True),
+        "config": config, "versions": versions(), "commit": git_commit(),
     }
 
 
@@ -147,10 +150,6 @@ def claim(path: Path) -> bool:
     return True
 
 
-def threads() -> str:
-    return f", {torch.get_num_threads()} threads"
-
-
 def cell_key(row: dict) -> tuple:
     return row["task"], row["regime"], row["N"], row["algo"], row["seed"]
 
@@ -168,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accelerator", default=None,
                         help="overrides the configs' trainer.accelerator (e.g. gpu); recorded in each row")
     parser.add_argument("--exclude-tier", choices=sorted(TIERS), default=None,
-                        help="skip the cells of this tier (e.g. the full tier's remainder after a quick tier run elsewhere)")
+                        help="skip the cells of this tier (e.g. the full tier's remainder after a quick "
+                             "tier run elsewhere)")
     parser.add_argument("--claims", default=None,
                         help="folder shared by several bench.run processes on one machine: each cell is "
                              "claimed by one (a file created exclusively) and skipped by the others")
@@ -187,11 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     cells = [(task, regime, n, algo, seed) for task in tasks for regime, n in tier["cells"]
              for algo in args.algos or tier["algos"] for seed in tier["seeds"]
              if (task.name, regime, n, algo, seed) not in done and (args.seeds is None or seed in args.seeds)
-             and regime in ONLY_REGIMES.get(algo, {regime}) and not in_tier(args.exclude_tier, regime, n, algo, seed)]
+             and regime in ONLY_REGIMES.get(algo, {regime})
+             and not in_tier(args.exclude_tier, regime, n, algo, seed)]
     if claims is not None:
         # Several processes drain one queue: the longest cells first, so none is left alone at the end.
-        cells.sort(key=lambda c: (c[1] != "with-mixed", -c[2], ["bicql", "iqlearn"].index(c[3])
-                                  if c[3] in ("bicql", "iqlearn") else 2))
+        cells.sort(key=lambda c: (c[1] != "with-mixed", -c[2], COST_RANK.get(c[3], len(COST_RANK))))
     for task, regime, n, algo, seed in cells:
         if claims is not None and not claim(claims / f"{task.name}_{regime}_{n}_{algo}_{seed}"):
             continue

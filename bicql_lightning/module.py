@@ -18,7 +18,6 @@ fixed proposal fitted to data before training.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -549,7 +548,7 @@ class BiCQLML(OfflineModule):
     # ------------------------------------------------------------------ acting
     @property
     def act_temperature(self) -> float:
-        t = self.hparams.get("act_temperature")  # absent from checkpoints older than the option
+        t = self.hparams.act_temperature
         return self.hparams.temperature if t is None else t
 
     @torch.no_grad()
@@ -581,11 +580,11 @@ class BiCQLML(OfflineModule):
                 log_prop = torch.cat([self.proposal.log_prob(enc, mode), log_prop], 1)  # what drew them
                 log_prior = torch.zeros_like(log_prop)
             else:
-                scale = self.hparams.get("act_candidate_scale", 1.0)  # absent from older checkpoints
+                scale = self.hparams.act_candidate_scale
                 cands, log_prop = self.proposal.sample_gaussian(enc, self.hparams.num_act_candidates, generator=gen,
                                                                 std_scale=scale)
                 cands = torch.cat([mode, cands], 1)
-                log_mode = self.proposal.gaussian_log_prob(enc, mode) - math.log(scale) * self.proposal.act_dim
+                log_mode = self.proposal.gaussian_log_prob(enc, mode, std_scale=scale)
                 log_prop = torch.cat([log_mode, log_prop], 1)  # what drew them
                 log_prior = self.proposal.log_prob(enc, cands)  # q(a|s), the mixture trained against
             q = self.q_net(enc, cands).min(0).values  # (B, 1+M)

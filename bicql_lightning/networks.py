@@ -220,10 +220,12 @@ class ActionProposal(nn.Module):
         log_jacobian = torch.log1p(-unit.pow(2)) + torch.log(self.action_half)
         return (log_normal - log_jacobian).sum(-1)  # (B, M)
 
-    def gaussian_log_prob(self, obs: Tensor, actions: Tensor) -> Tensor:
-        """Log density under the squashed Gaussian alone; shapes as :meth:`log_prob`."""
+    def gaussian_log_prob(self, obs: Tensor, actions: Tensor, std_scale: float = 1.0) -> Tensor:
+        """Log density under the squashed Gaussian alone (its standard deviation times
+        ``std_scale``); shapes as :meth:`log_prob`."""
         mu, log_std = self._gaussian(obs)
-        return self._log_prob_squashed(mu, log_std, (actions - self.action_center) / self.action_half)
+        return self._log_prob_squashed(mu, log_std + math.log(std_scale),
+                                       (actions - self.action_center) / self.action_half)
 
     def log_prob(self, obs: Tensor, actions: Tensor) -> Tensor:
         """Mixture log density; obs ``(B, D)`` encoded, actions ``(B, M, A)`` -> ``(B, M)``."""

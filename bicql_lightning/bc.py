@@ -215,6 +215,29 @@ class GaussianPolicy(nn.Module):
         return self.from_unit(torch.tanh(u)), log_prob
 
     @torch.no_grad()
+    def candidates(self, obs: Tensor, num: int, std_scale: float = 1.0,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        r"""The greedy action and ``num`` draws, for choosing among them by a score.
+
+        Pre-squashing points :math:`u_0 = \mu` and :math:`u_k = \mu + \text{std\_scale}\,
+        \sigma\varepsilon_k`, mapped into the box as the policy maps its draws. Returns actions
+        ``(B, 1+num, A)`` in environment units, the policy's log density of each point
+        :math:`\log\mathcal N(u;\mu,\sigma^2)` (summed over dimensions) ``(B, 1+num)``, and
+        the log density of what drew it, :math:`\mathcal N(\mu, (\text{std\_scale}\,
+        \sigma)^2)` ``(B, 1+num)``. Densities are over :math:`u`, so they stay finite on the
+        faces of a ``"clipped"`` policy, where many points share one action.
+        """
+        mean, log_std = self(obs)
+        mean, log_std = mean.unsqueeze(1), log_std.unsqueeze(1)  # (B, 1, A)
+        eps = torch.randn((obs.shape[0], num, self.act_dim), generator=generator, device=mean.device,
+                          dtype=mean.dtype)
+        draw_log_std = log_std + math.log(std_scale)
+        u = torch.cat([mean, mean + draw_log_std.exp() * eps], 1)  # (B, 1+num, A)
+        unit = u.clamp(-1.0, 1.0) if self.distribution == "clipped" else torch.tanh(u)
+        return (self.from_unit(unit), gaussian_log_prob(mean, log_std, u).sum(-1),
+                gaussian_log_prob(mean, draw_log_std, u).sum(-1))
+
+    @torch.no_grad()
     def sample(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One action per state ``(B, A)``, drawn from the policy (clipped or squashed)."""
         mean, log_std = self(obs)

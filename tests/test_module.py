@@ -285,6 +285,75 @@ def test_act_candidate_scale_draws_the_candidates_nearer_the_proposal_mode():
         BiCQLML(spaces=BOX, act_candidate_scale=0.0)
 
 
+def test_clipped_gaussian_act_prior_fit_recovers_the_mean_of_saturated_demonstrations():
+    # Demonstrations like the benchmark's: clip(mean + noise), many of them on a face.
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=BOX, proposal_hidden_sizes=[64, 64], act_policy="proposal_weighted",
+                    act_prior="clipped_gaussian", act_prior_fit_steps=1500, act_prior_lr=1e-3)
+    obs = torch.randn(4096, 5)
+    mean = torch.stack([1.5 * torch.tanh(obs[:, 0]), 0.8 * torch.tanh(obs[:, 1])], 1)
+    high = torch.tensor(BOX["action_high"])
+    actions = torch.maximum(torch.minimum(mean + 0.8 * high * torch.randn_like(mean), high), -high)
+    assert 0.25 < (actions.abs() == high).float().mean() < 0.6
+    model.fit_act_prior(obs, actions)
+    assert bool(model.act_prior_fitted) and not any(p.requires_grad for p in model.act_prior.parameters())
+    greedy = model.act_prior.mode(model.encoder(obs[:512]))
+    # Within a seventh of the noise's spread (0.8 in unit coordinates) of the true mean.
+    assert ((greedy - mean[:512]) / high).abs().mean() < 0.115
+    _, log_std = model.act_prior(model.encoder(obs[:512]))
+    assert torch.allclose(log_std.exp().mean(), torch.tensor(0.8), atol=0.1)  # unit-box noise scale
+
+
+def test_clipped_gaussian_candidates_are_the_mode_and_draws_with_u_space_densities():
+    from bicql_lightning.bc import GaussianPolicy
+
+    torch.manual_seed(0)
+    prior = GaussianPolicy(BOX, [16], "clipped")
+    obs = torch.randn(3, 5)
+    mean, log_std = prior(obs)  # (3, 2) each
+    cands, log_prior, log_draw = prior.candidates(obs, 4, std_scale=0.5, generator=torch.Generator().manual_seed(1))
+    eps = torch.randn((3, 4, 2), generator=torch.Generator().manual_seed(1))
+    u = torch.cat([mean.unsqueeze(1), mean.unsqueeze(1) + 0.5 * log_std.exp().unsqueeze(1) * eps], 1)
+    half = torch.tensor([2.0, 1.0])
+    torch.testing.assert_close(cands, half * u.clamp(-1, 1))
+    torch.testing.assert_close(cands[:, 0], prior.mode(obs))
+    # log N(u; mu, sigma) summed over dimensions; at the mode it is -sum(log sigma) - A log sqrt(2 pi).
+    z = (u - mean.unsqueeze(1)) / log_std.exp().unsqueeze(1)
+    torch.testing.assert_close(log_prior, (-0.5 * z**2 - log_std.unsqueeze(1) - 0.5 * math.log(2 * math.pi)).sum(-1))
+    torch.testing.assert_close(log_prior[:, 0], -log_std.sum(-1) - math.log(2 * math.pi))
+    torch.testing.assert_close(log_draw, log_prior - z.pow(2).sum(-1) * (1 / 0.25 - 1) / 2 + 2 * math.log(2))
+
+
+def test_acting_with_the_clipped_gaussian_prior_takes_the_best_candidate_by_q_over_t_plus_log_prior():
+    torch.manual_seed(0)
+    obs = make_batch(BOX, batch_size=6)["obs"]
+    model = BiCQLML(spaces=BOX, hidden_sizes=[16], num_act_candidates=8, act_policy="proposal_weighted",
+                    act_prior="clipped_gaussian")
+    enc = model.encoder(obs)
+    cands, log_prior, _ = model.act_prior.candidates(enc, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        q = model.q_net(enc, cands).min(0).values
+    rows = torch.arange(6)
+    picks = {}
+    for t_act in (1e6, 0.05, 1e-6):
+        model.hparams.act_temperature = t_act
+        picks[t_act] = (q / t_act + log_prior).argmax(1)
+        np.testing.assert_allclose(model.act(obs.numpy()), cands[rows, picks[t_act]].numpy(), rtol=1e-6)
+    assert torch.all(picks[1e6] == 0)  # the prior alone: its mode
+    assert torch.equal(picks[1e-6], q.argmax(1))  # Q alone
+    assert not torch.equal(picks[0.05], picks[1e6]) and not torch.equal(picks[0.05], picks[1e-6])
+    sampled = model.act(obs.numpy(), deterministic=False)
+    assert np.all(np.abs(sampled) <= np.array(BOX["action_high"]))
+
+
+def test_act_prior_is_checked_against_the_acting_policy():
+    with pytest.raises(ValueError, match="act_prior must be 'proposal' or 'clipped_gaussian'"):
+        BiCQLML(spaces=BOX, act_policy="proposal_weighted", act_prior="tanh")
+    with pytest.raises(ValueError, match="leave act_prior at 'proposal'"):
+        BiCQLML(spaces=BOX, act_prior="clipped_gaussian")
+    assert BiCQLML(spaces=BOX).act_prior is None  # the default builds nothing extra
+
+
 def test_cql_value_with_data_action_puts_the_data_action_inside_the_partition_estimate():
     torch.manual_seed(0)
     model = BiCQLML(spaces=BOX, hidden_sizes=[16], num_action_samples=4, cql_value_with_data_action=True,

@@ -94,7 +94,8 @@ def reward_correlation(model: pl.LightningModule, dataset_id: str) -> float | No
     return pearson(learned.float().cpu().numpy().astype(np.float64), t.rewards.astype(np.float64))
 
 
-def run_cell(task, regime: str, n: int, algo: str, seed: int, config: dict) -> dict:
+def train_cell(task, regime: str, n: int, seed: int, config: dict):
+    """Train one cell and evaluate its final weights: ``(model, trainer, evaluation, wall seconds)``."""
     pl.seed_everything(seed, verbose=False)
     data_args = dict(config.get("data", {}))
     data_args.update(expert_dataset=task.dataset_id(f"expert-n{n}"),
@@ -110,7 +111,12 @@ def run_cell(task, regime: str, n: int, algo: str, seed: int, config: dict) -> d
                          limit_val_batches=0)
     start = time.perf_counter()
     trainer.fit(model, dm)
-    wall = time.perf_counter() - start
+    return model, trainer, evaluation, time.perf_counter() - start
+
+
+def run_cell(task, regime: str, n: int, algo: str, seed: int, config: dict) -> dict:
+    model, trainer, evaluation, wall = train_cell(task, regime, n, seed, config)
+    trainer_args = config.get("trainer", {})
     result = evaluation.last
     return {
         "task": task.name, "env_id": task.env_id, "regime": regime, "N": n, "algo": algo, "seed": seed,

@@ -627,7 +627,7 @@ class BiCQLML(OfflineModule):
                 cands = torch.cat([mode, cands], 1)
                 log_prop = torch.cat([self.proposal.log_prob(enc, mode), log_prop], 1)  # what drew them
                 log_prior = torch.zeros_like(log_prop)
-            elif self.act_prior is not None:
+            elif self.hparams.act_prior == "clipped_gaussian":
                 # u-space densities of the clipped Gaussian: prior and draw, the mode first.
                 cands, log_prior, log_prop = self.act_prior.candidates(
                     enc, self.hparams.num_act_candidates, self.hparams.act_candidate_scale, generator=gen)

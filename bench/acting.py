@@ -1,0 +1,102 @@
+"""Compare BiCQL-ML's Box acting rules on the same trained weights.
+
+    python -m bench.acting --manifest ../shared/experts/experts.json --data DATA \\
+        --task hopper --regime with-mixed --n 10 --seed 0
+
+Trains one benchmark cell exactly as ``bench.run`` does (``configs/bench/bicql.yaml``;
+the first rule is the config's own, so its score is the cell's benchmark score), then
+evaluates each acting rule on those weights with the protocol's 10 deterministic episodes.
+A rule is ``proposal_mode``, ``prior_mode`` (the greedy action of the proposal or of the
+``clipped_gaussian`` prior, Q unused) or ``PRIOR:T:SCALE``: ``act()`` with ``act_prior`` =
+PRIOR (``proposal`` or ``clipped_gaussian``), ``act_temperature`` = T and
+``act_candidate_scale`` = SCALE. For the Q-tilted rules it also reports the share of steps
+where Q moved the action off the prior's greedy one. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+import yaml
+
+from bench.datasets import read_manifest
+from bench.run import EVAL_SEEDS, ROOT, train_cell
+from bicql_lightning.callbacks import normalized_score, rollout_returns
+
+DEFAULT_RULES = ["config", "proposal_mode", "prior_mode", "proposal:10:0.5", "clipped_gaussian:1:1",
+                 "clipped_gaussian:10:0.5"]
+
+
+def rule_policy(model, rule: str):
+    """``(policy, moved)``: a function of stacked raw observations, and a counter
+    ``[steps moved off the prior's greedy action, steps]`` it updates."""
+    moved = [0, 0]
+    if rule in ("proposal_mode", "prior_mode"):
+        net = model.proposal if rule == "proposal_mode" else model.act_prior
+
+        @torch.no_grad()
+        def greedy(obs):
+            return net.mode(model.encoder(torch.as_tensor(obs, device=model.device))).cpu().numpy()
+        return greedy, moved
+    if rule != "config":
+        prior, t_act, scale = rule.split(":")
+        model.hparams.act_prior, model.hparams.act_temperature = prior, float(t_act)
+        model.hparams.act_candidate_scale = float(scale)
+    base = model.proposal if model.hparams.act_prior == "proposal" else model.act_prior
+
+    @torch.no_grad()
+    def policy(obs):
+        action = model.act(obs)
+        mode = base.mode(model.encoder(torch.as_tensor(obs, device=model.device))).cpu().numpy()
+        moved[0] += int((np.abs(action - mode).max(-1) > 1e-6).sum())
+        moved[1] += len(obs)
+        return action
+    return policy, moved
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--data", required=True, help="Minari root made by bench.datasets")
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--regime", choices=["expert-only", "with-mixed"], required=True)
+    parser.add_argument("--n", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "bench" / "bicql.yaml"))
+    parser.add_argument("--rules", nargs="*", default=DEFAULT_RULES)
+    args = parser.parse_args(argv)
+    os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
+    tasks = {t.name: t for t in read_manifest(args.manifest)}
+    if args.task not in tasks:
+        raise SystemExit(f"task {args.task!r} is not in {args.manifest} (it has {sorted(tasks)})")
+    task = tasks[args.task]
+    config = yaml.safe_load(Path(args.config).read_text())
+    if config["model"]["init_args"].get("act_prior") != "clipped_gaussian":
+        raise SystemExit("bench.acting compares rules that need the clipped_gaussian prior: set "
+                         "act_prior: clipped_gaussian in the config")
+    model, _, evaluation, wall = train_cell(task, args.regime, args.n, args.seed, config)
+    model.eval()
+    out = {"task": task.name, "regime": args.regime, "N": args.n, "seed": args.seed, "train_wall_s": round(wall, 1),
+           "benchmark_score": evaluation.last["normalized_score"]}
+    first, episodes = EVAL_SEEDS
+    configured = {k: model.hparams[k] for k in ("act_prior", "act_temperature", "act_candidate_scale")}
+    for rule in args.rules:
+        model.hparams.update(configured)
+        policy, moved = rule_policy(model, rule)
+        envs = [gym.make(task.env_id) for _ in range(episodes)]
+        returns = rollout_returns(envs, policy, list(range(first, first + episodes)))
+        out[rule] = round(normalized_score(float(np.mean(returns)), evaluation.last["random_return"],
+                                           evaluation.last["expert_return"]), 1)
+        if moved[1]:
+            out[f"{rule} moved"] = round(moved[0] / moved[1], 2)
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""bench.acting's rules are the library's own acting under the named settings."""
+
+import numpy as np
+import torch
+
+from bench.acting import rule_policy
+from bicql_lightning import BiCQLML
+
+BOX = dict(obs_kind="box", obs_dim=5, action_kind="box", action_dim=2, action_low=[-2.0, -1.0], action_high=[2.0, 1.0])
+
+
+def make_model():
+    torch.manual_seed(0)
+    return BiCQLML(spaces=BOX, hidden_sizes=[16], num_act_candidates=8, act_policy="proposal_weighted",
+                   act_prior="clipped_gaussian", act_temperature=0.05)
+
+
+def test_greedy_rules_are_the_modes_and_a_huge_temperature_plays_the_priors_mode():
+    model = make_model()
+    obs = np.random.default_rng(0).normal(size=(16, 5)).astype(np.float32)
+    enc = model.encoder(torch.as_tensor(obs))
+    for rule, net in (("proposal_mode", model.proposal), ("prior_mode", model.act_prior)):
+        policy, _ = rule_policy(model, rule)
+        np.testing.assert_array_equal(policy(obs), net.mode(enc).numpy())
+    # The clipped prior's density over u peaks at its mean: without Q the rule plays the mode.
+    policy, moved = rule_policy(model, "clipped_gaussian:1e9:1")
+    np.testing.assert_allclose(policy(obs), model.act_prior.mode(enc).numpy(), rtol=1e-6)
+    assert moved == [0, 16]
+
+
+def test_the_config_rule_is_act_and_counts_the_steps_q_moved():
+    model = make_model()
+    obs = np.random.default_rng(1).normal(size=(16, 5)).astype(np.float32)
+    expected = model.act(obs)
+    policy, moved = rule_policy(model, "config")
+    np.testing.assert_array_equal(policy(obs), expected)
+    mode = model.act_prior.mode(model.encoder(torch.as_tensor(obs))).numpy()
+    assert moved == [int((np.abs(expected - mode).max(-1) > 1e-6).sum()), 16] and 0 < moved[0] < 16

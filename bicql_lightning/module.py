@@ -117,8 +117,8 @@ class BiCQLML(OfflineModule):
             the KL-regularised improvement of :math:`q` with coefficient :math:`T_\text{act}`.
             Training never uses it.
         act_candidate_scale: ``"proposal_weighted"`` only: the acting candidates are drawn
-            from the proposal's Gaussian with its standard deviation times this factor (the
-            scores still use the proposal's own density). Below 1 the controller chooses
+            from the Gaussian of ``act_prior`` with its standard deviation times this factor
+            (the scores still use the prior's own density). Below 1 the controller chooses
             among actions near the proposal's mode: with noisy demonstrations Q's best
             candidate far from the mode tends to reproduce the noise of the one data action
             it was fitted on (hopper, 0.5 against 1: README).

@@ -129,8 +129,8 @@ class BiCQLML(OfflineModule):
             fitted by exact (censored) maximum likelihood to the ``proposal_data`` pairs
             before training and frozen. The tanh-squashed proposal puts demonstrations'
             saturated actions at the edge of an exploding density, and its mode varies with
-            the fit's seed (hopper: 50-98 over seeds); the clipped fit scores 100 on every
-            hopper weight tried, for every acting temperature from 1 to 10 (README).
+            the fit's seed (hopper: its mode scores 50-98 over seeds); the clipped fit's mode
+            scored 95-100 on every hopper weight tried (README: benchmark).
         act_prior_fit_steps: maximum-likelihood steps fitting the ``"clipped_gaussian"`` prior.
         act_prior_lr: learning rate of that fit.
         proposal_data: data the Box proposal's Gaussian is fitted to, ``"expert"`` or

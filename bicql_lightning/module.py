@@ -354,6 +354,9 @@ class BiCQLML(OfflineModule):
                 # identical even where a device's kernels are not bit-reproducible.
                 broadcast_(list(self.proposal.parameters()), src=0)
         if self.act_prior is not None and not bool(self.act_prior_fitted):
+            if datamodule is None:
+                raise ValueError("Fitting the clipped_gaussian acting prior needs the data module's transitions: "
+                                 "pass an OfflineIRLDataModule to fit, or call fit_act_prior first.")
             obs, actions = datamodule.proposal_pairs(self.hparams.proposal_data)
             self.fit_act_prior(obs, actions)
             if is_distributed(world_size):

@@ -4,7 +4,7 @@
         --task hopper --regime with-mixed --n 10 --seed 0
 
 Trains one benchmark cell exactly as ``bench.run`` does (``configs/bench/bicql.yaml``;
-the first rule is the config's own, so its score is the cell's benchmark score), then
+the rule ``config`` is the config's own, so its score is the cell's benchmark score), then
 evaluates each acting rule on those weights with the protocol's 10 deterministic episodes.
 A rule is ``proposal_mode``, ``prior_mode`` (the greedy action of the proposal or of the
 ``clipped_gaussian`` prior, Q unused) or ``PRIOR:T:SCALE``: ``act()`` with ``act_prior`` =
@@ -33,22 +33,34 @@ DEFAULT_RULES = ["config", "proposal_mode", "prior_mode", "proposal:10:0.5", "cl
                  "clipped_gaussian:10:0.5"]
 
 
+def parse_rule(rule: str) -> tuple[str, float, float]:
+    """``PRIOR:T:SCALE`` -> its parts, checked as the module's constructor checks them."""
+    parts = rule.split(":")
+    if len(parts) != 3 or parts[0] not in ("proposal", "clipped_gaussian"):
+        raise SystemExit(f"unknown acting rule {rule!r}: use config, proposal_mode, prior_mode or PRIOR:T:SCALE "
+                         "with PRIOR proposal or clipped_gaussian (e.g. clipped_gaussian:1:1)")
+    t_act, scale = float(parts[1]), float(parts[2])
+    if t_act <= 0 or scale <= 0:
+        raise SystemExit(f"acting rule {rule!r}: the temperature and the candidate scale must be positive")
+    return parts[0], t_act, scale
+
+
 def rule_policy(model, rule: str):
     """``(policy, moved)``: a function of stacked raw observations, and a counter
     ``[steps moved off the prior's greedy action, steps]`` it updates."""
     moved = [0, 0]
     if rule in ("proposal_mode", "prior_mode"):
-        net = model.proposal if rule == "proposal_mode" else model.act_prior
+        net = model.proposal if rule == "proposal_mode" else model.behavior_prior
 
         @torch.no_grad()
         def greedy(obs):
             return net.mode(model.encoder(torch.as_tensor(obs, device=model.device))).cpu().numpy()
         return greedy, moved
     if rule != "config":
-        prior, t_act, scale = rule.split(":")
-        model.hparams.act_prior, model.hparams.act_temperature = prior, float(t_act)
-        model.hparams.act_candidate_scale = float(scale)
-    base = model.proposal if model.hparams.act_prior == "proposal" else model.act_prior
+        prior, t_act, scale = parse_rule(rule)
+        model.hparams.act_prior, model.hparams.act_temperature = prior, t_act
+        model.hparams.act_candidate_scale = scale
+    base = model.proposal if model.hparams.act_prior == "proposal" else model.behavior_prior
 
     @torch.no_grad()
     def policy(obs):
@@ -87,12 +99,20 @@ def main(argv: list[str] | None = None) -> None:
     first, episodes = EVAL_SEEDS
     configured = {k: model.hparams[k] for k in ("act_prior", "act_temperature", "act_candidate_scale")}
     for rule in args.rules:
+        if rule not in ("config", "proposal_mode", "prior_mode"):
+            parse_rule(rule)
+    for rule in args.rules:
         model.hparams.update(configured)
         policy, moved = rule_policy(model, rule)
         envs = [gym.make(task.env_id) for _ in range(episodes)]
-        returns = rollout_returns(envs, policy, list(range(first, first + episodes)))
-        out[rule] = round(normalized_score(float(np.mean(returns)), evaluation.last["random_return"],
-                                           evaluation.last["expert_return"]), 1)
+        try:
+            returns = rollout_returns(envs, policy, list(range(first, first + episodes)))
+        finally:
+            for env in envs:
+                env.close()
+        score = normalized_score(float(np.mean(returns)), evaluation.last["random_return"],
+                                 evaluation.last["expert_return"])
+        out[rule] = round(score, 1) if score is not None else float(np.mean(returns))
         if moved[1]:
             out[f"{rule} moved"] = round(moved[0] / moved[1], 2)
     print(json.dumps(out), flush=True)

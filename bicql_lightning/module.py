@@ -18,7 +18,7 @@ fixed proposal fitted to data before training.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -118,10 +118,11 @@ class BiCQLML(OfflineModule):
             Training never uses it.
         act_candidate_scale: ``"proposal_weighted"`` only: the acting candidates are drawn
             from the Gaussian of ``act_prior`` with its standard deviation times this factor
-            (the scores still use the prior's own density). Below 1 the controller chooses
-            among actions near the proposal's mode: with noisy demonstrations Q's best
-            candidate far from the mode tends to reproduce the noise of the one data action
-            it was fitted on (hopper, 0.5 against 1: README).
+            (the scores still use the prior's own density). Below 1 the greedy controller
+            chooses among actions near the prior's mode (hopper with the tanh proposal, 0.5
+            against 1: ``git show 90a4c2c:README.md``); sampled actions
+            (``deterministic=False``) then come out narrower than the tilted prior, as the
+            importance weights lose their finite variance below 1/sqrt(2).
         act_prior: ``"proposal_weighted"`` only: the behaviour density :math:`q` that Q
             tilts when acting. ``"proposal"``: the proposal's mixture (training's sampler).
             ``"clipped_gaussian"``: a separate Gaussian policy whose draws are clipped to the
@@ -132,7 +133,8 @@ class BiCQLML(OfflineModule):
             the fit's seed (hopper: its mode scores 50-98 over seeds); the clipped fit's mode
             scored 95-100 on every hopper weight tried (README: benchmark).
         act_prior_fit_steps: maximum-likelihood steps fitting the ``"clipped_gaussian"`` prior.
-        act_prior_lr: learning rate of that fit.
+        act_prior_lr: learning rate of that fit. A checkpoint keeps the act_prior it was
+            trained with: the fitted prior's weights are part of it.
         proposal_data: data the Box proposal's Gaussian is fitted to, ``"expert"`` or
             ``"offline"``.
         proposal_uniform_weight: weight of the uniform component of the Box proposal.
@@ -266,10 +268,10 @@ class BiCQLML(OfflineModule):
             # Fitted once before training (fit_proposal), then frozen: no gradients, and
             # not part of what DDP's reducer tracks.
             self.proposal.requires_grad_(False)
-        self.act_prior = (GaussianPolicy(spaces, hp.proposal_hidden_sizes, "clipped").requires_grad_(False)
+        self.behavior_prior = (GaussianPolicy(spaces, hp.proposal_hidden_sizes, "clipped").requires_grad_(False)
                           if hp.act_prior == "clipped_gaussian" and not self.discrete else None)
-        if self.act_prior is not None:
-            self.register_buffer("act_prior_fitted", torch.zeros((), dtype=torch.bool))
+        if self.behavior_prior is not None:
+            self.register_buffer("behavior_prior_fitted", torch.zeros((), dtype=torch.bool))
         self.built = True
 
     # ------------------------------------------------------------------ distributed
@@ -353,14 +355,14 @@ class BiCQLML(OfflineModule):
                 # Every rank fitted the same data with the same stream; make the copies
                 # identical even where a device's kernels are not bit-reproducible.
                 broadcast_(list(self.proposal.parameters()), src=0)
-        if self.act_prior is not None and not bool(self.act_prior_fitted):
+        if self.behavior_prior is not None and not bool(self.behavior_prior_fitted):
             if datamodule is None:
                 raise ValueError("Fitting the clipped_gaussian acting prior needs the data module's transitions: "
-                                 "pass an OfflineIRLDataModule to fit, or call fit_act_prior first.")
+                                 "pass an OfflineIRLDataModule to fit, or call fit_behavior_prior first.")
             obs, actions = datamodule.proposal_pairs(self.hparams.proposal_data)
-            self.fit_act_prior(obs, actions)
+            self.fit_behavior_prior(obs, actions)
             if is_distributed(world_size):
-                broadcast_(list(self.act_prior.parameters()), src=0)
+                broadcast_(list(self.behavior_prior.parameters()), src=0)
 
     def fit_proposal(self, obs: Tensor, actions: Tensor, batch_size: int = 256) -> Tensor:
         """Fit the proposal's Gaussian by maximum likelihood, then freeze it. Returns the final NLL."""
@@ -370,16 +372,16 @@ class BiCQLML(OfflineModule):
         self.proposal.fitted.fill_(True)
         return nll
 
-    def fit_act_prior(self, obs: Tensor, actions: Tensor, batch_size: int = 256) -> Tensor:
+    def fit_behavior_prior(self, obs: Tensor, actions: Tensor, batch_size: int = 256) -> Tensor:
         """Fit the ``"clipped_gaussian"`` acting prior by maximum likelihood, then freeze it.
         Returns the final NLL."""
-        assert self.act_prior is not None
-        nll = self._fit_frozen(self.act_prior, lambda o, a: self.act_prior.loss(o, a)[0], obs, actions,
+        assert self.behavior_prior is not None
+        nll = self._fit_frozen(self.behavior_prior, lambda o, a: self.behavior_prior.loss(o, a)[0], obs, actions,
                                self.hparams.act_prior_fit_steps, self.hparams.act_prior_lr, batch_size)
-        self.act_prior_fitted.fill_(True)
+        self.behavior_prior_fitted.fill_(True)
         return nll
 
-    def _fit_frozen(self, net: torch.nn.Module, nll_fn, obs: Tensor, actions: Tensor, steps: int, lr: float,
+    def _fit_frozen(self, net: torch.nn.Module, nll_fn: Callable[[Tensor, Tensor], Tensor], obs: Tensor, actions: Tensor, steps: int, lr: float,
                     batch_size: int) -> Tensor:
         """Adam on ``nll_fn(encoded obs, actions)`` over minibatches from the module's stream;
         ``net`` takes no gradients before or after."""
@@ -624,17 +626,21 @@ class BiCQLML(OfflineModule):
         else:
             # Greedy acting must be a function of the observation: fixed candidates.
             gen = torch.Generator(device=enc.device).manual_seed(0) if deterministic else None
-            mode = self.proposal.mode(enc).unsqueeze(1)  # (B, 1, A)
             if self.hparams.act_policy == "boltzmann":
+                mode = self.proposal.mode(enc).unsqueeze(1)  # (B, 1, A)
                 cands, log_prop = self.proposal.sample(enc, self.hparams.num_act_candidates, generator=gen)  # (B, M, A)
                 cands = torch.cat([mode, cands], 1)
                 log_prop = torch.cat([self.proposal.log_prob(enc, mode), log_prop], 1)  # what drew them
                 log_prior = torch.zeros_like(log_prop)
             elif self.hparams.act_prior == "clipped_gaussian":
+                if self.behavior_prior is None:
+                    raise ValueError("act_prior='clipped_gaussian' needs the behaviour prior fitted before training; "
+                                     "this model was built without it (set act_prior when building the model).")
                 # u-space densities of the clipped Gaussian: prior and draw, the mode first.
-                cands, log_prior, log_prop = self.act_prior.candidates(
+                cands, log_prior, log_prop = self.behavior_prior.candidates(
                     enc, self.hparams.num_act_candidates, self.hparams.act_candidate_scale, generator=gen)
             else:
+                mode = self.proposal.mode(enc).unsqueeze(1)  # (B, 1, A)
                 scale = self.hparams.act_candidate_scale
                 cands, log_prop = self.proposal.sample_gaussian(enc, self.hparams.num_act_candidates, generator=gen,
                                                                 std_scale=scale)

@@ -3,7 +3,9 @@
 import numpy as np
 import torch
 
-from bench.acting import rule_policy
+import pytest
+
+from bench.acting import parse_rule, rule_policy
 from bicql_lightning import BiCQLML
 
 BOX = dict(obs_kind="box", obs_dim=5, action_kind="box", action_dim=2, action_low=[-2.0, -1.0], action_high=[2.0, 1.0])
@@ -19,12 +21,12 @@ def test_greedy_rules_are_the_modes_and_a_huge_temperature_plays_the_priors_mode
     model = make_model()
     obs = np.random.default_rng(0).normal(size=(16, 5)).astype(np.float32)
     enc = model.encoder(torch.as_tensor(obs))
-    for rule, net in (("proposal_mode", model.proposal), ("prior_mode", model.act_prior)):
+    for rule, net in (("proposal_mode", model.proposal), ("prior_mode", model.behavior_prior)):
         policy, _ = rule_policy(model, rule)
         np.testing.assert_array_equal(policy(obs), net.mode(enc).numpy())
     # The clipped prior's density over u peaks at its mean: without Q the rule plays the mode.
     policy, moved = rule_policy(model, "clipped_gaussian:1e9:1")
-    np.testing.assert_allclose(policy(obs), model.act_prior.mode(enc).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(policy(obs), model.behavior_prior.mode(enc).numpy(), rtol=1e-6)
     assert moved == [0, 16]
 
 
@@ -34,5 +36,13 @@ def test_the_config_rule_is_act_and_counts_the_steps_q_moved():
     expected = model.act(obs)
     policy, moved = rule_policy(model, "config")
     np.testing.assert_array_equal(policy(obs), expected)
-    mode = model.act_prior.mode(model.encoder(torch.as_tensor(obs))).numpy()
+    mode = model.behavior_prior.mode(model.encoder(torch.as_tensor(obs))).numpy()
     assert moved == [int((np.abs(expected - mode).max(-1) > 1e-6).sum()), 16] and 0 < moved[0] < 16
+
+
+def test_rules_are_checked_before_anything_is_trained():
+    assert parse_rule("clipped_gaussian:3:0.5") == ("clipped_gaussian", 3.0, 0.5)
+    with pytest.raises(SystemExit, match="unknown acting rule 'clipped:1:1'"):
+        parse_rule("clipped:1:1")
+    with pytest.raises(SystemExit, match="must be positive"):
+        parse_rule("proposal:0:1")

@@ -295,12 +295,12 @@ def test_clipped_gaussian_act_prior_fit_recovers_the_mean_of_saturated_demonstra
     high = torch.tensor(BOX["action_high"])
     actions = torch.maximum(torch.minimum(mean + 0.8 * high * torch.randn_like(mean), high), -high)
     assert 0.25 < (actions.abs() == high).float().mean() < 0.6
-    model.fit_act_prior(obs, actions)
-    assert bool(model.act_prior_fitted) and not any(p.requires_grad for p in model.act_prior.parameters())
-    greedy = model.act_prior.mode(model.encoder(obs[:512]))
+    model.fit_behavior_prior(obs, actions)
+    assert bool(model.behavior_prior_fitted) and not any(p.requires_grad for p in model.behavior_prior.parameters())
+    greedy = model.behavior_prior.mode(model.encoder(obs[:512]))
     # Within a seventh of the noise's spread (0.8 in unit coordinates) of the true mean.
     assert ((greedy - mean[:512]) / high).abs().mean() < 0.115
-    _, log_std = model.act_prior(model.encoder(obs[:512]))
+    _, log_std = model.behavior_prior(model.encoder(obs[:512]))
     assert torch.allclose(log_std.exp().mean(), torch.tensor(0.8), atol=0.1)  # unit-box noise scale
 
 
@@ -330,7 +330,7 @@ def test_acting_with_the_clipped_gaussian_prior_takes_the_best_candidate_by_q_ov
     model = BiCQLML(spaces=BOX, hidden_sizes=[16], num_act_candidates=8, act_policy="proposal_weighted",
                     act_prior="clipped_gaussian")
     enc = model.encoder(obs)
-    cands, log_prior, _ = model.act_prior.candidates(enc, 8, generator=torch.Generator().manual_seed(0))
+    cands, log_prior, _ = model.behavior_prior.candidates(enc, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         q = model.q_net(enc, cands).min(0).values
     rows = torch.arange(6)
@@ -346,12 +346,37 @@ def test_acting_with_the_clipped_gaussian_prior_takes_the_best_candidate_by_q_ov
     assert np.all(np.abs(sampled) <= np.array(BOX["action_high"]))
 
 
+def test_clipped_gaussian_prior_greedy_scores_use_the_prior_density_and_sampling_follows_the_prior():
+    torch.manual_seed(0)
+    obs = make_batch(BOX, batch_size=6)["obs"]
+    model = BiCQLML(spaces=BOX, hidden_sizes=[16], num_act_candidates=8, act_policy="proposal_weighted",
+                    act_prior="clipped_gaussian", act_candidate_scale=0.5, act_temperature=0.05)
+    enc = model.encoder(obs)
+    cands, log_prior, log_draw = model.behavior_prior.candidates(enc, 8, 0.5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        q = model.q_net(enc, cands).min(0).values
+    # Greedy: the prior's density scores, not the narrower density that drew the candidates.
+    pick = (q / 0.05 + log_prior).argmax(1)
+    assert not torch.equal(pick, (q / 0.05 + log_draw).argmax(1))
+    np.testing.assert_allclose(model.act(obs.numpy()), cands[torch.arange(6), pick].numpy(), rtol=1e-6)
+    # Sampling at scale 1 with Q switched off (T huge) reproduces the prior: the importance
+    # weights prior/draw cancel, so the clipped draws have the prior's mean and spread.
+    model.hparams.act_candidate_scale, model.hparams.act_temperature = 1.0, 1e9
+    one = np.repeat(obs[:1].numpy(), 4000, axis=0)
+    torch.manual_seed(1)
+    sampled = model.act(one, deterministic=False)  # (4000, 2)
+    torch.manual_seed(2)
+    direct = model.behavior_prior.sample(model.encoder(torch.as_tensor(one))).numpy()
+    np.testing.assert_allclose(sampled.mean(0), direct.mean(0), atol=0.06)
+    np.testing.assert_allclose(sampled.std(0), direct.std(0), rtol=0.08)
+
+
 def test_act_prior_is_checked_against_the_acting_policy():
     with pytest.raises(ValueError, match="act_prior must be 'proposal' or 'clipped_gaussian'"):
         BiCQLML(spaces=BOX, act_policy="proposal_weighted", act_prior="tanh")
     with pytest.raises(ValueError, match="leave act_prior at 'proposal'"):
         BiCQLML(spaces=BOX, act_prior="clipped_gaussian")
-    assert BiCQLML(spaces=BOX).act_prior is None  # the default builds nothing extra
+    assert BiCQLML(spaces=BOX).behavior_prior is None  # the default builds nothing extra
 
 
 def test_cql_value_with_data_action_puts_the_data_action_inside_the_partition_estimate():

@@ -211,15 +211,15 @@ def test_clipped_gaussian_act_prior_is_fitted_once_and_travels_with_the_checkpoi
     kwargs = dict(act_policy="proposal_weighted", act_prior="clipped_gaussian", act_prior_fit_steps=300,
                   act_prior_lr=1e-3)
     model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path / "a", model_kwargs=kwargs)
-    assert bool(model.act_prior_fitted) and not any(p.requires_grad for p in model.act_prior.parameters())
+    assert bool(model.behavior_prior_fitted) and not any(p.requires_grad for p in model.behavior_prior.parameters())
     # Fitted to the expert pairs: its greedy action is nearer the demonstrations' actions
     # than a fresh network's.
     obs, actions = dm.proposal_pairs("expert")
     fresh = BiCQLML(**{**TINY_MODEL, **kwargs}, spaces=dm.spaces)
     fresh.encoder.load_state_dict(model.encoder.state_dict())
     with torch.no_grad():
-        err = (model.act_prior.mode(model.encoder(obs)) - actions).abs().mean()
-        err_fresh = (fresh.act_prior.mode(fresh.encoder(obs)) - actions).abs().mean()
+        err = (model.behavior_prior.mode(model.encoder(obs)) - actions).abs().mean()
+        err_fresh = (fresh.behavior_prior.mode(fresh.encoder(obs)) - actions).abs().mean()
     assert err < 0.7 * err_fresh
 
     path = tmp_path / "model.ckpt"
@@ -228,10 +228,10 @@ def test_clipped_gaussian_act_prior_is_fitted_once_and_travels_with_the_checkpoi
     raw = dm.expert_store.tensors["obs"][:32].numpy()
     np.testing.assert_array_equal(loaded.act(raw), model.act(raw))
     # Resuming trains on; the prior is not fitted again.
-    prior = [p.clone() for p in model.act_prior.parameters()]
+    prior = [p.clone() for p in model.behavior_prior.parameters()]
     resumed, _, _ = tiny_fit(tiny.ids("pendulum"), tmp_path / "b", max_epochs=2, model_kwargs=kwargs, ckpt_path=path)
     assert resumed.updates == 2 * UPDATES
-    for a, b in zip(prior, resumed.act_prior.parameters()):
+    for a, b in zip(prior, resumed.behavior_prior.parameters()):
         assert torch.equal(a, b)
 
 

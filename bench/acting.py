@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "bench" / "bicql.yaml"))
     parser.add_argument("--rules", nargs="*", default=DEFAULT_RULES)
     args = parser.parse_args(argv)
+    for rule in args.rules:  # before minutes of training
+        if rule not in ("config", "proposal_mode", "prior_mode"):
+            parse_rule(rule)
     os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
     tasks = {t.name: t for t in read_manifest(args.manifest)}
     if args.task not in tasks:
@@ -98,9 +101,6 @@ def main(argv: list[str] | None = None) -> None:
            "benchmark_score": evaluation.last["normalized_score"]}
     first, episodes = EVAL_SEEDS
     configured = {k: model.hparams[k] for k in ("act_prior", "act_temperature", "act_candidate_scale")}
-    for rule in args.rules:
-        if rule not in ("config", "proposal_mode", "prior_mode"):
-            parse_rule(rule)
     for rule in args.rules:
         model.hparams.update(configured)
         policy, moved = rule_policy(model, rule)

@@ -5,7 +5,7 @@ import torch
 
 import pytest
 
-from bench.acting import parse_rule, rule_policy
+from bench.acting import main, parse_rule, rule_policy
 from bicql_lightning import BiCQLML
 
 BOX = dict(obs_kind="box", obs_dim=5, action_kind="box", action_dim=2, action_low=[-2.0, -1.0], action_high=[2.0, 1.0])
@@ -46,3 +46,7 @@ def test_rules_are_checked_before_anything_is_trained():
         parse_rule("clipped:1:1")
     with pytest.raises(SystemExit, match="must be positive"):
         parse_rule("proposal:0:1")
+    # The command refuses a bad rule before it reads any data or trains.
+    with pytest.raises(SystemExit, match="unknown acting rule 'bogus'"):
+        main(["--manifest", "missing.json", "--data", "missing", "--task", "t", "--regime", "expert-only",
+              "--n", "1", "--rules", "config", "bogus"])

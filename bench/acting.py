@@ -105,9 +105,12 @@ def main(argv: list[str] | None = None) -> None:
         model.hparams.update(configured)
         policy, moved = rule_policy(model, rule)
         envs = [gym.make(task.env_id) for _ in range(episodes)]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as RolloutEvaluation acts: the same floating-point path, the same picks
         try:
             returns = rollout_returns(envs, policy, list(range(first, first + episodes)))
         finally:
+            torch.set_num_threads(threads)
             for env in envs:
                 env.close()
         score = normalized_score(float(np.mean(returns)), evaluation.last["random_return"],

@@ -346,23 +346,23 @@ class BiCQLML(OfflineModule):
         if needs_statistics and datamodule is not None and hasattr(datamodule, "obs_mean"):
             # The reward network carries its own copy, so it works outside this module.
             self.reward_net.encoder.set_statistics(datamodule.obs_mean, datamodule.obs_std)
+        # Fitted once before training on the same pairs (gathered once), in this order: the
+        # module's stream feeds both fits.
+        unfitted = []
         if self.proposal is not None and not bool(self.proposal.fitted):
-            if datamodule is None:
-                raise ValueError("Fitting the Box-action proposal needs the data module's transitions.")
-            obs, actions = datamodule.proposal_pairs(self.hparams.proposal_data)
-            self.fit_proposal(obs, actions)
+            unfitted.append(("the Box-action proposal", self.proposal, self.fit_proposal))
+        if self.behavior_prior is not None and not bool(self.behavior_prior_fitted):
+            unfitted.append(("the clipped_gaussian acting prior", self.behavior_prior, self.fit_behavior_prior))
+        if unfitted and datamodule is None:
+            raise ValueError(f"Fitting {unfitted[0][0]} needs the data module's transitions: pass an "
+                             "OfflineIRLDataModule to fit.")
+        pairs = datamodule.proposal_pairs(self.hparams.proposal_data) if unfitted else None
+        for _, net, fit in unfitted:
+            fit(*pairs)
             if is_distributed(world_size):
                 # Every rank fitted the same data with the same stream; make the copies
                 # identical even where a device's kernels are not bit-reproducible.
-                broadcast_(list(self.proposal.parameters()), src=0)
-        if self.behavior_prior is not None and not bool(self.behavior_prior_fitted):
-            if datamodule is None:
-                raise ValueError("Fitting the clipped_gaussian acting prior needs the data module's transitions: "
-                                 "pass an OfflineIRLDataModule to fit, or call fit_behavior_prior first.")
-            obs, actions = datamodule.proposal_pairs(self.hparams.proposal_data)
-            self.fit_behavior_prior(obs, actions)
-            if is_distributed(world_size):
-                broadcast_(list(self.behavior_prior.parameters()), src=0)
+                broadcast_(list(net.parameters()), src=0)
 
     def fit_proposal(self, obs: Tensor, actions: Tensor, batch_size: int = 256) -> Tensor:
         """Fit the proposal's Gaussian by maximum likelihood, then freeze it. Returns the final NLL."""

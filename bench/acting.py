@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
 import yaml
@@ -33,38 +33,69 @@ DEFAULT_RULES = ["config", "proposal_mode", "prior_mode", "proposal:10:0.5", "cl
                  "clipped_gaussian:10:0.5"]
 
 
-def parse_rule(rule: str) -> tuple[str, float, float]:
-    """``PRIOR:T:SCALE`` -> its parts, checked as the module's constructor checks them."""
+GREEDY_RULES = ("config", "proposal_mode", "prior_mode", "offline_prior_mode")
+
+
+def parse_rule(rule: str) -> tuple[str, float, float, str | None]:
+    """``PRIOR:T:SCALE[:DATA]`` -> its parts, checked as the module's constructor checks them."""
     parts = rule.split(":")
-    if len(parts) != 3 or parts[0] not in ("proposal", "clipped_gaussian"):
-        raise SystemExit(f"unknown acting rule {rule!r}: use config, proposal_mode, prior_mode or PRIOR:T:SCALE "
-                         "with PRIOR proposal or clipped_gaussian (e.g. clipped_gaussian:1:1)")
+    if (len(parts) not in (3, 4) or parts[0] not in ("proposal", "clipped_gaussian")
+            or (len(parts) == 4 and (parts[0] != "clipped_gaussian" or parts[3] not in ("expert", "offline", "both")))):
+        raise SystemExit(f"unknown acting rule {rule!r}: use {', '.join(GREEDY_RULES)} or PRIOR:T:SCALE[:DATA] "
+                         "with PRIOR proposal or clipped_gaussian and DATA (clipped_gaussian only) expert, offline "
+                         "or both (e.g. clipped_gaussian:1:1)")
     t_act, scale = float(parts[1]), float(parts[2])
     if t_act <= 0 or scale <= 0:
         raise SystemExit(f"acting rule {rule!r}: the temperature and the candidate scale must be positive")
-    return parts[0], t_act, scale
+    return parts[0], t_act, scale, (parts[3] if len(parts) == 4 else None)
+
+
+@contextmanager
+def acting_priors(model, data: str | None):
+    """``act()`` tilts the expert prior alone (``expert``), the offline one alone (``offline``)
+    or both (``both``, the act_prior_data="both" rule) inside the block; ``None``: as trained."""
+    if data is None:
+        yield
+        return
+    if model.offline_prior is None or not bool(model.offline_prior_used):
+        raise SystemExit("an acting rule with DATA needs a model trained with act_prior_data: both on data "
+                         "where D holds more than D_E")
+    saved = model.behavior_prior
+    try:
+        if data == "offline":
+            model.behavior_prior = model.offline_prior
+        model.offline_prior_used.fill_(data == "both")
+        yield
+    finally:
+        model.behavior_prior = saved
+        model.offline_prior_used.fill_(True)
 
 
 def rule_policy(model, rule: str):
     """``(policy, moved)``: a function of stacked raw observations, and a counter
     ``[steps moved off the prior's greedy action, steps]`` it updates."""
     moved = [0, 0]
-    if rule in ("proposal_mode", "prior_mode"):
-        net = model.proposal if rule == "proposal_mode" else model.behavior_prior
+    if rule in ("proposal_mode", "prior_mode", "offline_prior_mode"):
+        net = {"proposal_mode": model.proposal, "prior_mode": model.behavior_prior,
+               "offline_prior_mode": model.offline_prior}[rule]
+        if net is None:
+            raise SystemExit("offline_prior_mode needs a model trained with act_prior_data: both")
 
         @torch.no_grad()
         def greedy(obs):
             return net.mode(model.encoder(torch.as_tensor(obs, device=model.device))).cpu().numpy()
         return greedy, moved
+    data = None
     if rule != "config":
-        prior, t_act, scale = parse_rule(rule)
+        prior, t_act, scale, data = parse_rule(rule)
         model.hparams.act_prior, model.hparams.act_temperature = prior, t_act
         model.hparams.act_candidate_scale = scale
     base = model.proposal if model.hparams.act_prior == "proposal" else model.behavior_prior
 
     @torch.no_grad()
     def policy(obs):
-        action = model.act(obs)
+        with acting_priors(model, data):
+            action = model.act(obs)
         mode = base.mode(model.encoder(torch.as_tensor(obs, device=model.device))).cpu().numpy()
         moved[0] += int((np.abs(action - mode).max(-1) > 1e-6).sum())
         moved[1] += len(obs)
@@ -84,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rules", nargs="*", default=DEFAULT_RULES)
     args = parser.parse_args(argv)
     for rule in args.rules:  # before minutes of training
-        if rule not in ("config", "proposal_mode", "prior_mode"):
+        if rule not in GREEDY_RULES:
             parse_rule(rule)
     os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
     tasks = {t.name: t for t in read_manifest(args.manifest)}
@@ -104,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     for rule in args.rules:
         model.hparams.update(configured)
         policy, moved = rule_policy(model, rule)
-        envs = [gym.make(task.env_id) for _ in range(episodes)]
+        envs = [task.make_env() for _ in range(episodes)]  # the manifest's env_kwargs too
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as RolloutEvaluation acts: the same floating-point path, the same picks
         try:

@@ -135,6 +135,14 @@ class BiCQLML(OfflineModule):
         act_prior_fit_steps: maximum-likelihood steps fitting the ``"clipped_gaussian"`` prior.
         act_prior_lr: learning rate of that fit. A checkpoint keeps the act_prior it was
             trained with: the fitted prior's weights are part of it.
+        act_prior_data: the pairs the ``"clipped_gaussian"`` prior is fitted to: ``"expert"``
+            (D_E), ``"offline"`` (D) or ``null`` (``proposal_data``'s). ``"both"`` fits one
+            prior to each and acts by generalised policy improvement: each prior's candidates
+            are tilted by Q as above, and of the two winners the one with the higher Q is
+            played. Where D holds more than D_E this lets Q choose, state by state, between
+            cloning the demonstrations and cloning the logged data (which is the better
+            controller depends on the logged data: README, benchmark); where D is D_E there is
+            one prior.
         proposal_data: data the Box proposal's Gaussian is fitted to, ``"expert"`` or
             ``"offline"``.
         proposal_uniform_weight: weight of the uniform component of the Box proposal.
@@ -203,6 +211,7 @@ class BiCQLML(OfflineModule):
         act_prior: Literal["proposal", "clipped_gaussian"] = "proposal",
         act_prior_fit_steps: int = 20000,
         act_prior_lr: float = 3e-4,
+        act_prior_data: Literal["expert", "offline", "both"] | None = None,
         proposal_data: Literal["expert", "offline"] = "expert",
         proposal_uniform_weight: float = 0.5,
         proposal_hidden_sizes: list[int] = [256, 256],  # noqa: B006
@@ -228,6 +237,11 @@ class BiCQLML(OfflineModule):
         if act_prior != "proposal" and act_policy != "proposal_weighted":
             raise ValueError(f"act_prior={act_prior!r} is the density that act_policy='proposal_weighted' "
                              f"tilts by Q; with act_policy={act_policy!r} leave act_prior at 'proposal'")
+        if act_prior_data not in (None, "expert", "offline", "both"):
+            raise ValueError(f"act_prior_data must be 'expert', 'offline', 'both' or null, got {act_prior_data!r}")
+        if act_prior_data is not None and act_prior != "clipped_gaussian":
+            raise ValueError(f"act_prior_data chooses the data of the clipped_gaussian acting prior; with "
+                             f"act_prior={act_prior!r} leave it null")
         if proposal_data not in ("expert", "offline"):
             raise ValueError(f"proposal_data must be 'expert' or 'offline', got {proposal_data!r}")
         for name, value in (("q_updates", q_updates), ("reward_updates", reward_updates),
@@ -272,6 +286,12 @@ class BiCQLML(OfflineModule):
                           if hp.act_prior == "clipped_gaussian" and not self.discrete else None)
         if self.behavior_prior is not None:
             self.register_buffer("behavior_prior_fitted", torch.zeros((), dtype=torch.bool))
+        # The second prior of act_prior_data="both"; offline_prior_used stays False where D is D_E.
+        self.offline_prior = (GaussianPolicy(spaces, hp.proposal_hidden_sizes, "clipped").requires_grad_(False)
+                              if self.behavior_prior is not None and hp.act_prior_data == "both" else None)
+        if self.offline_prior is not None:
+            self.register_buffer("offline_prior_fitted", torch.zeros((), dtype=torch.bool))
+            self.register_buffer("offline_prior_used", torch.zeros((), dtype=torch.bool))
         self.built = True
 
     # ------------------------------------------------------------------ distributed
@@ -346,19 +366,30 @@ class BiCQLML(OfflineModule):
         if needs_statistics and datamodule is not None and hasattr(datamodule, "obs_mean"):
             # The reward network carries its own copy, so it works outside this module.
             self.reward_net.encoder.set_statistics(datamodule.obs_mean, datamodule.obs_std)
-        # Fitted once before training on the same pairs (gathered once), in this order: the
-        # module's stream feeds both fits.
+        # Fitted once before training, each on its pairs (gathered once per data set), in this
+        # order: the module's stream feeds every fit.
+        hp = self.hparams
+        prior_data = "expert" if hp.act_prior_data == "both" else (hp.act_prior_data or hp.proposal_data)
         unfitted = []
         if self.proposal is not None and not bool(self.proposal.fitted):
-            unfitted.append(("the Box-action proposal", self.proposal, self.fit_proposal))
+            unfitted.append(("the Box-action proposal", self.proposal, self.fit_proposal, hp.proposal_data))
         if self.behavior_prior is not None and not bool(self.behavior_prior_fitted):
-            unfitted.append(("the clipped_gaussian acting prior", self.behavior_prior, self.fit_behavior_prior))
+            unfitted.append(("the clipped_gaussian acting prior", self.behavior_prior, self.fit_behavior_prior,
+                             prior_data))
+        if self.offline_prior is not None and not bool(self.offline_prior_fitted):
+            unfitted.append(("the acting prior of the offline data", self.offline_prior, self.fit_offline_prior,
+                             "offline"))
         if unfitted and datamodule is None:
             raise ValueError(f"Fitting {unfitted[0][0]} needs the data module's transitions: pass an "
                              "OfflineIRLDataModule to fit.")
-        pairs = datamodule.proposal_pairs(self.hparams.proposal_data) if unfitted else None
-        for _, net, fit in unfitted:
-            fit(*pairs)
+        pairs = {}  # gathered once per data set
+        for _, net, fit, which in unfitted:
+            if which not in pairs:
+                pairs[which] = datamodule.proposal_pairs(which)
+            if net is self.offline_prior and datamodule.offline_store is datamodule.expert_store:
+                self.offline_prior_fitted.fill_(True)  # D is D_E: the expert prior is that fit
+                continue
+            fit(*pairs[which])
             if is_distributed(world_size):
                 # Every rank fitted the same data with the same stream; make the copies
                 # identical even where a device's kernels are not bit-reproducible.
@@ -379,6 +410,16 @@ class BiCQLML(OfflineModule):
         nll = self._fit_frozen(self.behavior_prior, lambda o, a: self.behavior_prior.loss(o, a)[0], obs, actions,
                                self.hparams.act_prior_fit_steps, self.hparams.act_prior_lr, batch_size)
         self.behavior_prior_fitted.fill_(True)
+        return nll
+
+    def fit_offline_prior(self, obs: Tensor, actions: Tensor, batch_size: int = 256) -> Tensor:
+        """Fit the second acting prior of ``act_prior_data="both"`` to D's pairs, as
+        :meth:`fit_behavior_prior` fits the first to D_E's; it is used from then on."""
+        assert self.offline_prior is not None
+        nll = self._fit_frozen(self.offline_prior, lambda o, a: self.offline_prior.loss(o, a)[0], obs, actions,
+                               self.hparams.act_prior_fit_steps, self.hparams.act_prior_lr, batch_size)
+        self.offline_prior_fitted.fill_(True)
+        self.offline_prior_used.fill_(True)
         return nll
 
     def _fit_frozen(self, net: torch.nn.Module, nll_fn: Callable[[Tensor, Tensor], Tensor], obs: Tensor, actions: Tensor, steps: int, lr: float,
@@ -636,9 +677,17 @@ class BiCQLML(OfflineModule):
                 if self.behavior_prior is None:
                     raise ValueError("act_prior='clipped_gaussian' needs the behaviour prior fitted before training; "
                                      "this model was built without it (set act_prior when building the model).")
-                # u-space densities of the clipped Gaussian: prior and draw, the mode first.
-                cands, log_prior, log_prop = self.behavior_prior.candidates(
-                    enc, self.hparams.num_act_candidates, self.hparams.act_candidate_scale, generator=gen)
+                priors = [self.behavior_prior]
+                if self.offline_prior is not None and bool(self.offline_prior_used):
+                    priors.append(self.offline_prior)
+                picks = [self._tilted_pick(enc, prior, temperature, deterministic, gen) for prior in priors]
+                action, q_action = picks[0]
+                if len(picks) > 1:
+                    # Generalised policy improvement: the winner of the two tilted priors by Q.
+                    other, q_other = picks[1]
+                    action = torch.where((q_other > q_action).unsqueeze(1), other, action)
+                out = action.cpu().numpy()
+                return out[0] if single else out
             else:
                 mode = self.proposal.mode(enc).unsqueeze(1)  # (B, 1, A)
                 scale = self.hparams.act_candidate_scale
@@ -654,5 +703,17 @@ class BiCQLML(OfflineModule):
             action = cands[torch.arange(cands.shape[0], device=cands.device), pick]
         out = action.cpu().numpy()
         return out[0] if single else out
+
+    def _tilted_pick(self, enc: Tensor, prior: torch.nn.Module, temperature: float, deterministic: bool,
+                     generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """One clipped Gaussian prior tilted by Q: the chosen action ``(B, A)`` and its Q ``(B,)``."""
+        # u-space densities of the clipped Gaussian: prior and draw, the mode first.
+        cands, log_prior, log_prop = prior.candidates(enc, self.hparams.num_act_candidates,
+                                                      self.hparams.act_candidate_scale, generator=generator)
+        q = self.q_net(enc, cands).min(0).values  # (B, 1+M)
+        logits = q / temperature + log_prior if deterministic else q / temperature + log_prior - log_prop
+        pick = logits.argmax(1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
+        rows = torch.arange(cands.shape[0], device=cands.device)
+        return cands[rows, pick], q[rows, pick]
 
     # ------------------------------------------------------------------ checkpoints

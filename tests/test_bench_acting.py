@@ -41,7 +41,10 @@ def test_the_config_rule_is_act_and_counts_the_steps_q_moved():
 
 
 def test_rules_are_checked_before_anything_is_trained():
-    assert parse_rule("clipped_gaussian:3:0.5") == ("clipped_gaussian", 3.0, 0.5)
+    assert parse_rule("clipped_gaussian:3:0.5") == ("clipped_gaussian", 3.0, 0.5, None)
+    assert parse_rule("clipped_gaussian:3:0.5:both") == ("clipped_gaussian", 3.0, 0.5, "both")
+    with pytest.raises(SystemExit, match="unknown acting rule"):
+        parse_rule("proposal:1:1:both")
     with pytest.raises(SystemExit, match="unknown acting rule 'clipped:1:1'"):
         parse_rule("clipped:1:1")
     with pytest.raises(SystemExit, match="must be positive"):

@@ -377,6 +377,36 @@ def test_act_prior_is_checked_against_the_acting_policy():
     with pytest.raises(ValueError, match="leave act_prior at 'proposal'"):
         BiCQLML(spaces=BOX, act_prior="clipped_gaussian")
     assert BiCQLML(spaces=BOX).behavior_prior is None  # the default builds nothing extra
+    with pytest.raises(ValueError, match="act_prior_data must be 'expert', 'offline', 'both' or null"):
+        BiCQLML(spaces=BOX, act_policy="proposal_weighted", act_prior="clipped_gaussian", act_prior_data="all")
+    with pytest.raises(ValueError, match="with act_prior='proposal' leave it null"):
+        BiCQLML(spaces=BOX, act_policy="proposal_weighted", act_prior_data="both")
+    one = BiCQLML(spaces=BOX, act_policy="proposal_weighted", act_prior="clipped_gaussian", act_prior_data="offline")
+    assert one.offline_prior is None  # one prior, fitted to D
+
+
+def test_act_prior_data_both_plays_whichever_tilted_prior_wins_by_q():
+    torch.manual_seed(0)
+    obs = make_batch(BOX, batch_size=64)["obs"]
+    model = BiCQLML(spaces=BOX, hidden_sizes=[16], num_act_candidates=8, act_policy="proposal_weighted",
+                    act_prior="clipped_gaussian", act_prior_data="both", act_temperature=0.05)
+    alone = model.act(obs.numpy())  # the second prior is not used until it is fitted to D
+    enc = model.encoder(obs)
+    gen = torch.Generator().manual_seed(0)  # act() draws both priors' candidates from one stream
+    rows = torch.arange(64)
+    best = []
+    for prior in (model.behavior_prior, model.offline_prior):
+        cands, log_prior, _ = prior.candidates(enc, 8, generator=gen)
+        with torch.no_grad():
+            q = model.q_net(enc, cands).min(0).values  # (B, 1+M)
+        pick = (q / 0.05 + log_prior).argmax(1)
+        best.append((cands[rows, pick], q[rows, pick]))
+    np.testing.assert_allclose(alone, best[0][0].numpy(), rtol=1e-6)
+    model.offline_prior_used.fill_(True)
+    offline_wins = best[1][1] > best[0][1]
+    assert 0 < int(offline_wins.sum()) < 64  # the two priors each win somewhere
+    expected = torch.where(offline_wins.unsqueeze(1), best[1][0], best[0][0])
+    np.testing.assert_allclose(model.act(obs.numpy()), expected.numpy(), rtol=1e-6)
 
 
 def test_cql_value_with_data_action_puts_the_data_action_inside_the_partition_estimate():

@@ -235,6 +235,41 @@ def test_clipped_gaussian_act_prior_is_fitted_once_and_travels_with_the_checkpoi
         assert torch.equal(a, b)
 
 
+def test_act_prior_data_both_fits_a_prior_to_d_where_d_holds_more_than_d_e(tiny, tmp_path):
+    kwargs = dict(act_policy="proposal_weighted", act_prior="clipped_gaussian", act_prior_data="both",
+                  act_prior_fit_steps=300, act_prior_lr=1e-3)
+    model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path / "a", model_kwargs=kwargs)
+    assert bool(model.offline_prior_fitted) and bool(model.offline_prior_used)
+
+    def fit_error(prior, which):
+        obs, actions = dm.proposal_pairs(which)
+        with torch.no_grad():
+            return float((prior.mode(model.encoder(obs)) - actions).abs().mean())
+    # The first prior clones D_E, the second D (random episodes as well): each fits its own
+    # data better than the other one does.
+    assert fit_error(model.behavior_prior, "expert") < 0.9 * fit_error(model.offline_prior, "expert")
+    assert fit_error(model.offline_prior, "offline") < 0.9 * fit_error(model.behavior_prior, "offline")
+    obs, _ = dm.proposal_pairs("offline")
+    with torch.no_grad():  # and D's random actions make the second prior the wider one
+        spread = [prior(model.encoder(obs))[1].exp().mean() for prior in (model.behavior_prior, model.offline_prior)]
+    assert spread[1] > 1.5 * spread[0]
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = BiCQLML.load_from_checkpoint(path)
+    assert bool(loaded.offline_prior_used)
+    raw = dm.offline_store.tensors["obs"][:32].numpy()
+    np.testing.assert_array_equal(loaded.act(raw), model.act(raw))
+
+    # Where D is D_E there is one prior: the second is neither fitted nor used.
+    only, _, _ = tiny_fit((tiny.pendulum_expert, None), tmp_path / "b", model_kwargs=kwargs)
+    assert bool(only.offline_prior_fitted) and not bool(only.offline_prior_used)
+    before = only.act(raw)
+    with torch.no_grad():
+        for p in only.offline_prior.parameters():
+            p.add_(1.0)
+    np.testing.assert_array_equal(only.act(raw), before)
+
+
 def test_reward_net_from_checkpoint_scores_raw_observations_like_the_model(fitted, tmp_path):
     model, dm, trainer = fitted["model"], fitted["dm"], fitted["trainer"]
     path = tmp_path / "model.ckpt"

@@ -6,11 +6,14 @@
 Trains one benchmark cell exactly as ``bench.run`` does (``configs/bench/bicql.yaml``;
 the rule ``config`` is the config's own, so its score is the cell's benchmark score), then
 evaluates each acting rule on those weights with the protocol's 10 deterministic episodes.
-A rule is ``proposal_mode``, ``prior_mode`` (the greedy action of the proposal or of the
-``clipped_gaussian`` prior, Q unused) or ``PRIOR:T:SCALE``: ``act()`` with ``act_prior`` =
-PRIOR (``proposal`` or ``clipped_gaussian``), ``act_temperature`` = T and
-``act_candidate_scale`` = SCALE. For the Q-tilted rules it also reports the share of steps
-where Q moved the action off the prior's greedy one. Prints one JSON line.
+A rule is ``proposal_mode``, ``prior_mode``, ``offline_prior_mode`` (the greedy action of
+the proposal, of the ``clipped_gaussian`` prior or of the second prior that
+``act_prior_data: both`` fits to D; Q unused) or ``PRIOR:T:SCALE[:DATA]``: ``act()`` with
+``act_prior`` = PRIOR (``proposal`` or ``clipped_gaussian``), ``act_temperature`` = T and
+``act_candidate_scale`` = SCALE, and for a model with two priors DATA = ``expert``,
+``offline`` or ``both``: tilt D_E's prior alone, D's alone, or both (the config's rule). For
+the Q-tilted rules it also reports the share of steps where the action moved off the (first)
+prior's greedy one. Prints one JSON line.
 """
 
 from __future__ import annotations

@@ -60,9 +60,6 @@ def acting_priors(model, data: str | None):
     if data is None:
         yield
         return
-    if model.offline_prior is None or not bool(model.offline_prior_used):
-        raise SystemExit("an acting rule with DATA needs a model trained with act_prior_data: both on data "
-                         "where D holds more than D_E")
     saved = model.behavior_prior
     try:
         if data == "offline":
@@ -91,6 +88,9 @@ def rule_policy(model, rule: str):
     data = None
     if rule != "config":
         prior, t_act, scale, data = parse_rule(rule)
+        if data is not None and (model.offline_prior is None or not bool(model.offline_prior_used)):
+            raise SystemExit(f"acting rule {rule!r} needs a model trained with act_prior_data: both on data "
+                             "where D holds more than D_E")
         model.hparams.act_prior, model.hparams.act_temperature = prior, t_act
         model.hparams.act_candidate_scale = scale
     base = model.proposal if model.hparams.act_prior == "proposal" else model.behavior_prior
@@ -117,15 +117,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "bench" / "bicql.yaml"))
     parser.add_argument("--rules", nargs="*", default=DEFAULT_RULES)
     args = parser.parse_args(argv)
+    config = yaml.safe_load(Path(args.config).read_text())
+    two_priors = (config["model"]["init_args"].get("act_prior_data") == "both" and args.regime == "with-mixed")
     for rule in args.rules:  # before minutes of training
-        if rule not in GREEDY_RULES:
-            parse_rule(rule)
+        needs_two = rule == "offline_prior_mode" or (rule not in GREEDY_RULES and parse_rule(rule)[3] is not None)
+        if needs_two and not two_priors:
+            raise SystemExit(f"acting rule {rule!r} needs act_prior_data: both in the config and --regime "
+                             "with-mixed (two priors)")
     os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
     tasks = {t.name: t for t in read_manifest(args.manifest)}
     if args.task not in tasks:
         raise SystemExit(f"task {args.task!r} is not in {args.manifest} (it has {sorted(tasks)})")
     task = tasks[args.task]
-    config = yaml.safe_load(Path(args.config).read_text())
     if config["model"]["init_args"].get("act_prior") != "clipped_gaussian":
         raise SystemExit("bench.acting compares rules that need the clipped_gaussian prior: set "
                          "act_prior: clipped_gaussian in the config")

@@ -382,13 +382,15 @@ class BiCQLML(OfflineModule):
         if unfitted and datamodule is None:
             raise ValueError(f"Fitting {unfitted[0][0]} needs the data module's transitions: pass an "
                              "OfflineIRLDataModule to fit.")
-        pairs = {}  # gathered once per data set
+        same_data = hasattr(datamodule, "offline_store") and datamodule.offline_store is datamodule.expert_store
+        pairs = {}  # gathered (copied) once per data set
         for _, net, fit, which in unfitted:
-            if which not in pairs:
-                pairs[which] = datamodule.proposal_pairs(which)
-            if net is self.offline_prior and datamodule.offline_store is datamodule.expert_store:
+            if net is self.offline_prior and same_data:
                 self.offline_prior_fitted.fill_(True)  # D is D_E: the expert prior is that fit
                 continue
+            which = "expert" if same_data else which
+            if which not in pairs:
+                pairs[which] = datamodule.proposal_pairs(which)
             fit(*pairs[which])
             if is_distributed(world_size):
                 # Every rank fitted the same data with the same stream; make the copies
@@ -407,8 +409,7 @@ class BiCQLML(OfflineModule):
         """Fit the ``"clipped_gaussian"`` acting prior by maximum likelihood, then freeze it.
         Returns the final NLL."""
         assert self.behavior_prior is not None
-        nll = self._fit_frozen(self.behavior_prior, lambda o, a: self.behavior_prior.loss(o, a)[0], obs, actions,
-                               self.hparams.act_prior_fit_steps, self.hparams.act_prior_lr, batch_size)
+        nll = self._fit_clipped_prior(self.behavior_prior, obs, actions, batch_size)
         self.behavior_prior_fitted.fill_(True)
         return nll
 
@@ -416,14 +417,17 @@ class BiCQLML(OfflineModule):
         """Fit the second acting prior of ``act_prior_data="both"`` to D's pairs, as
         :meth:`fit_behavior_prior` fits the first to D_E's; it is used from then on."""
         assert self.offline_prior is not None
-        nll = self._fit_frozen(self.offline_prior, lambda o, a: self.offline_prior.loss(o, a)[0], obs, actions,
-                               self.hparams.act_prior_fit_steps, self.hparams.act_prior_lr, batch_size)
+        nll = self._fit_clipped_prior(self.offline_prior, obs, actions, batch_size)
         self.offline_prior_fitted.fill_(True)
         self.offline_prior_used.fill_(True)
         return nll
 
-    def _fit_frozen(self, net: torch.nn.Module, nll_fn: Callable[[Tensor, Tensor], Tensor], obs: Tensor, actions: Tensor, steps: int, lr: float,
-                    batch_size: int) -> Tensor:
+    def _fit_clipped_prior(self, prior: GaussianPolicy, obs: Tensor, actions: Tensor, batch_size: int) -> Tensor:
+        return self._fit_frozen(prior, lambda o, a: prior.loss(o, a)[0], obs, actions,
+                                self.hparams.act_prior_fit_steps, self.hparams.act_prior_lr, batch_size)
+
+    def _fit_frozen(self, net: torch.nn.Module, nll_fn: Callable[[Tensor, Tensor], Tensor], obs: Tensor,
+                    actions: Tensor, steps: int, lr: float, batch_size: int) -> Tensor:
         """Adam on ``nll_fn(encoded obs, actions)`` over minibatches from the module's stream;
         ``net`` takes no gradients before or after."""
         obs = obs.to(self.device)
@@ -672,7 +676,7 @@ class BiCQLML(OfflineModule):
                 cands, log_prop = self.proposal.sample(enc, self.hparams.num_act_candidates, generator=gen)  # (B, M, A)
                 cands = torch.cat([mode, cands], 1)
                 log_prop = torch.cat([self.proposal.log_prob(enc, mode), log_prop], 1)  # what drew them
-                log_prior = torch.zeros_like(log_prop)
+                candidate_sets = [(cands, torch.zeros_like(log_prop), log_prop)]
             elif self.hparams.act_prior == "clipped_gaussian":
                 if self.behavior_prior is None:
                     raise ValueError("act_prior='clipped_gaussian' needs the behaviour prior fitted before training; "
@@ -680,14 +684,11 @@ class BiCQLML(OfflineModule):
                 priors = [self.behavior_prior]
                 if self.offline_prior is not None and bool(self.offline_prior_used):
                     priors.append(self.offline_prior)
-                picks = [self._tilted_pick(enc, prior, temperature, deterministic, gen) for prior in priors]
-                action, q_action = picks[0]
-                if len(picks) > 1:
-                    # Generalised policy improvement: the winner of the two tilted priors by Q.
-                    other, q_other = picks[1]
-                    action = torch.where((q_other > q_action).unsqueeze(1), other, action)
-                out = action.cpu().numpy()
-                return out[0] if single else out
+                # u-space densities of the clipped Gaussian: prior and draw, the mode first. Drawn
+                # lazily, so each prior's draws follow the previous prior's pick in the stream.
+                candidate_sets = (prior.candidates(enc, self.hparams.num_act_candidates,
+                                                   self.hparams.act_candidate_scale, generator=gen)
+                                  for prior in priors)
             else:
                 mode = self.proposal.mode(enc).unsqueeze(1)  # (B, 1, A)
                 scale = self.hparams.act_candidate_scale
@@ -697,19 +698,21 @@ class BiCQLML(OfflineModule):
                 log_mode = self.proposal.gaussian_log_prob(enc, mode, std_scale=scale)
                 log_prop = torch.cat([log_mode, log_prop], 1)  # what drew them
                 log_prior = self.proposal.log_prob(enc, cands)  # q(a|s), the mixture trained against
-            q = self.q_net(enc, cands).min(0).values  # (B, 1+M)
-            logits = q / temperature + log_prior if deterministic else q / temperature + log_prior - log_prop
-            pick = logits.argmax(1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
-            action = cands[torch.arange(cands.shape[0], device=cands.device), pick]
+                candidate_sets = [(cands, log_prior, log_prop)]
+            sets = iter(candidate_sets)
+            action, q_action = self._tilted_pick(enc, *next(sets), temperature, deterministic)
+            for cands, log_prior, log_prop in sets:
+                # Generalised policy improvement: of the tilted priors' picks, the one with the higher Q.
+                other, q_other = self._tilted_pick(enc, cands, log_prior, log_prop, temperature, deterministic)
+                better = q_other > q_action
+                action, q_action = torch.where(better.unsqueeze(1), other, action), torch.maximum(q_other, q_action)
         out = action.cpu().numpy()
         return out[0] if single else out
 
-    def _tilted_pick(self, enc: Tensor, prior: torch.nn.Module, temperature: float, deterministic: bool,
-                     generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """One clipped Gaussian prior tilted by Q: the chosen action ``(B, A)`` and its Q ``(B,)``."""
-        # u-space densities of the clipped Gaussian: prior and draw, the mode first.
-        cands, log_prior, log_prop = prior.candidates(enc, self.hparams.num_act_candidates,
-                                                      self.hparams.act_candidate_scale, generator=generator)
+    def _tilted_pick(self, enc: Tensor, cands: Tensor, log_prior: Tensor, log_prop: Tensor, temperature: float,
+                     deterministic: bool) -> tuple[Tensor, Tensor]:
+        """The candidate ``(B, 1+M, A)`` picked by Q/T + log prior (greedy) or resampled with
+        weights exp(Q/T)·prior/draw: the action ``(B, A)`` and its Q ``(B,)``."""
         q = self.q_net(enc, cands).min(0).values  # (B, 1+M)
         logits = q / temperature + log_prior if deterministic else q / temperature + log_prior - log_prop
         pick = logits.argmax(1) if deterministic else torch.distributions.Categorical(logits=logits).sample()

@@ -7,11 +7,12 @@ Trains one benchmark cell exactly as ``bench.run`` does (``configs/bench/bicql.y
 the rule ``config`` is the config's own, so its score is the cell's benchmark score), then
 evaluates each acting rule on those weights with the protocol's 10 deterministic episodes.
 A rule is ``proposal_mode``, ``prior_mode``, ``offline_prior_mode`` (the greedy action of
-the proposal, of the ``clipped_gaussian`` prior or of the second prior that
-``act_prior_data: both`` fits to D; Q unused) or ``PRIOR:T:SCALE[:DATA]``: ``act()`` with
-``act_prior`` = PRIOR (``proposal`` or ``clipped_gaussian``), ``act_temperature`` = T and
-``act_candidate_scale`` = SCALE, and for a model with two priors DATA = ``expert``,
-``offline`` or ``both``: tilt D_E's prior alone, D's alone, or both (the config's rule). For
+the proposal, of the ``clipped_gaussian`` prior fitted to D_E or of the prior that
+``act_prior_data`` ``both`` or ``expert_like`` fits to D; Q unused) or
+``PRIOR:T:SCALE[:DATA]``: ``act()`` with ``act_prior`` = PRIOR (``proposal`` or
+``clipped_gaussian``), ``act_temperature`` = T and ``act_candidate_scale`` = SCALE, and for
+a model with two priors DATA = ``expert``, ``offline`` or ``both``: tilt D_E's prior alone,
+D's alone, or both (generalised policy improvement, ``act_prior_data: both``'s rule). For
 the Q-tilted rules it also reports the share of steps where the action moved off the (first)
 prior's greedy one. Prints one JSON line.
 """
@@ -60,14 +61,15 @@ def acting_priors(model, data: str | None):
     if data is None:
         yield
         return
-    saved = model.behavior_prior
+    saved, saved_data = model.behavior_prior, model.hparams.act_prior_data
     try:
         if data == "offline":
             model.behavior_prior = model.offline_prior
         model.offline_prior_used.fill_(data == "both")
+        model.hparams.act_prior_data = "both"  # GPI over both where both are used
         yield
     finally:
-        model.behavior_prior = saved
+        model.behavior_prior, model.hparams.act_prior_data = saved, saved_data
         model.offline_prior_used.fill_(True)
 
 
@@ -79,7 +81,7 @@ def rule_policy(model, rule: str):
         net = {"proposal_mode": model.proposal, "prior_mode": model.behavior_prior,
                "offline_prior_mode": model.offline_prior}[rule]
         if net is None:
-            raise SystemExit("offline_prior_mode needs a model trained with act_prior_data: both")
+            raise SystemExit("offline_prior_mode needs a model trained with act_prior_data: both or expert_like")
 
         @torch.no_grad()
         def greedy(obs):
@@ -89,7 +91,7 @@ def rule_policy(model, rule: str):
     if rule != "config":
         prior, t_act, scale, data = parse_rule(rule)
         if data is not None and (model.offline_prior is None or not bool(model.offline_prior_used)):
-            raise SystemExit(f"acting rule {rule!r} needs a model trained with act_prior_data: both on data "
+            raise SystemExit(f"acting rule {rule!r} needs a model trained with act_prior_data: both or expert_like on data "
                              "where D holds more than D_E")
         model.hparams.act_prior, model.hparams.act_temperature = prior, t_act
         model.hparams.act_candidate_scale = scale
@@ -118,11 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rules", nargs="*", default=DEFAULT_RULES)
     args = parser.parse_args(argv)
     config = yaml.safe_load(Path(args.config).read_text())
-    two_priors = (config["model"]["init_args"].get("act_prior_data") == "both" and args.regime == "with-mixed")
+    two_priors = (config["model"]["init_args"].get("act_prior_data") in ("both", "expert_like")
+                  and args.regime == "with-mixed")
     for rule in args.rules:  # before minutes of training
         needs_two = rule == "offline_prior_mode" or (rule not in GREEDY_RULES and parse_rule(rule)[3] is not None)
         if needs_two and not two_priors:
-            raise SystemExit(f"acting rule {rule!r} needs act_prior_data: both in the config and --regime "
+            raise SystemExit(f"acting rule {rule!r} needs act_prior_data: both or expert_like in the config and --regime "
                              "with-mixed (two priors)")
     os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
     tasks = {t.name: t for t in read_manifest(args.manifest)}

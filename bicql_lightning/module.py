@@ -44,6 +44,27 @@ def _cat(a: Batch, b: Batch) -> Batch:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
+def expert_like_episodes(reward: Tensor, episode: Tensor, expert_level: Tensor | float, fraction: float) -> Tensor:
+    r"""Which transitions ``(N,)`` of D belong to episodes the learned reward ranks as expert-like.
+
+    An episode is kept when its mean learned reward per transition :math:`\bar r_k` reaches
+    :math:`\bar r_D + f(\bar r_E - \bar r_D)`, with :math:`\bar r_D` the mean over D's
+    transitions, :math:`\bar r_E` = ``expert_level`` (the mean over D_E's) and :math:`f` =
+    ``fraction``. A per-transition mean, so that episodes of any length compare; the episode
+    with the highest mean is always kept. ``reward`` ``(N,)``, ``episode`` ``(N,)`` integer ids.
+    """
+    episode = episode.long()
+    reward = reward.double()
+    num = int(episode.max()) + 1
+    sums = torch.zeros(num, dtype=torch.float64, device=reward.device).index_add_(0, episode, reward)
+    counts = torch.bincount(episode, minlength=num)
+    means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, -torch.inf))  # (K,)
+    level = reward.mean()
+    keep = means >= level + fraction * (torch.as_tensor(expert_level, dtype=torch.float64) - level)
+    keep[means.argmax()] = True
+    return keep[episode]
+
+
 class BiCQLML(OfflineModule):
     r"""Offline inverse RL by bi-level conservative Q-learning and maximum likelihood.
 
@@ -142,7 +163,20 @@ class BiCQLML(OfflineModule):
             played. Where D holds more than D_E this lets Q choose, state by state, between
             cloning the demonstrations and cloning the logged data (which is the better
             controller depends on the logged data: README, benchmark); where D is D_E there is
-            one prior.
+            one prior. ``"expert_like"``: the prior is fitted to D_E before training and, where D
+            holds more than D_E, replaced after the last training epoch by a prior fitted to
+            the episodes of D that the final learned reward ranks as expert-like
+            (:func:`expert_like_episodes` with ``expert_like_fraction``; D_E's own episodes,
+            being in D, rank among them). This is how the learned reward labels logged data that
+            cloning cannot: a clone of all of D copies its random actions too (halfcheetah
+            with-mixed N = 1, same weights: 6.1 for the mode of D's prior, 98.2 for that of the
+            expert-like episodes' prior; README, benchmark). The refit comes before the final
+            rollout evaluation and the last checkpoint; a run resumed past it fits again with
+            its new final reward.
+        expert_like_fraction: ``act_prior_data="expert_like"`` only: :math:`f` of
+            :func:`expert_like_episodes`; an episode of D is kept when its mean learned reward
+            per transition reaches :math:`\bar r_D + f(\bar r_E - \bar r_D)` (0: above D's
+            mean, 1: as high as D_E's).
         proposal_data: data the Box proposal's Gaussian is fitted to, ``"expert"`` or
             ``"offline"``.
         proposal_uniform_weight: weight of the uniform component of the Box proposal.
@@ -211,7 +245,8 @@ class BiCQLML(OfflineModule):
         act_prior: Literal["proposal", "clipped_gaussian"] = "proposal",
         act_prior_fit_steps: int = 20000,
         act_prior_lr: float = 3e-4,
-        act_prior_data: Literal["expert", "offline", "both"] | None = None,
+        act_prior_data: Literal["expert", "offline", "both", "expert_like"] | None = None,
+        expert_like_fraction: float = 0.5,
         proposal_data: Literal["expert", "offline"] = "expert",
         proposal_uniform_weight: float = 0.5,
         proposal_hidden_sizes: list[int] = [256, 256],  # noqa: B006
@@ -237,11 +272,15 @@ class BiCQLML(OfflineModule):
         if act_prior != "proposal" and act_policy != "proposal_weighted":
             raise ValueError(f"act_prior={act_prior!r} is the density that act_policy='proposal_weighted' "
                              f"tilts by Q; with act_policy={act_policy!r} leave act_prior at 'proposal'")
-        if act_prior_data not in (None, "expert", "offline", "both"):
-            raise ValueError(f"act_prior_data must be 'expert', 'offline', 'both' or null, got {act_prior_data!r}")
+        if act_prior_data not in (None, "expert", "offline", "both", "expert_like"):
+            raise ValueError(f"act_prior_data must be 'expert', 'offline', 'both', 'expert_like' or null, got "
+                             f"{act_prior_data!r}")
         if act_prior_data is not None and act_prior != "clipped_gaussian":
             raise ValueError(f"act_prior_data chooses the data of the clipped_gaussian acting prior; with "
                              f"act_prior={act_prior!r} leave it null")
+        if not np.isfinite(expert_like_fraction):
+            raise ValueError(f"expert_like_fraction must be a finite number (0: episodes above D's mean learned "
+                             f"reward, 1: as high as D_E's), got {expert_like_fraction}")
         if proposal_data not in ("expert", "offline"):
             raise ValueError(f"proposal_data must be 'expert' or 'offline', got {proposal_data!r}")
         for name, value in (("q_updates", q_updates), ("reward_updates", reward_updates),
@@ -286,9 +325,11 @@ class BiCQLML(OfflineModule):
                           if hp.act_prior == "clipped_gaussian" and not self.discrete else None)
         if self.behavior_prior is not None:
             self.register_buffer("behavior_prior_fitted", torch.zeros((), dtype=torch.bool))
-        # The second prior of act_prior_data="both"; offline_prior_used stays False where D is D_E.
+        # D's prior ("both": all of D, "expert_like": its expert-like episodes); offline_prior_used
+        # stays False where D is D_E.
         self.offline_prior = (GaussianPolicy(spaces, hp.proposal_hidden_sizes, "clipped").requires_grad_(False)
-                              if self.behavior_prior is not None and hp.act_prior_data == "both" else None)
+                              if self.behavior_prior is not None and hp.act_prior_data in ("both", "expert_like")
+                              else None)
         if self.offline_prior is not None:
             self.register_buffer("offline_prior_fitted", torch.zeros((), dtype=torch.bool))
             self.register_buffer("offline_prior_used", torch.zeros((), dtype=torch.bool))
@@ -369,14 +410,16 @@ class BiCQLML(OfflineModule):
         # Fitted once before training, each on its pairs (gathered once per data set), in this
         # order: the module's stream feeds every fit.
         hp = self.hparams
-        prior_data = "expert" if hp.act_prior_data == "both" else (hp.act_prior_data or hp.proposal_data)
+        prior_data = ("expert" if hp.act_prior_data in ("both", "expert_like")
+                      else (hp.act_prior_data or hp.proposal_data))
         unfitted = []
         if self.proposal is not None and not bool(self.proposal.fitted):
             unfitted.append(("the Box-action proposal", self.proposal, self.fit_proposal, hp.proposal_data))
         if self.behavior_prior is not None and not bool(self.behavior_prior_fitted):
             unfitted.append(("the clipped_gaussian acting prior", self.behavior_prior, self.fit_behavior_prior,
                              prior_data))
-        if self.offline_prior is not None and not bool(self.offline_prior_fitted):
+        if (self.offline_prior is not None and not bool(self.offline_prior_fitted)
+                and hp.act_prior_data == "both"):  # "expert_like": fitted after training instead
             unfitted.append(("the acting prior of the offline data", self.offline_prior, self.fit_offline_prior,
                              "offline"))
         if unfitted and datamodule is None:
@@ -414,13 +457,55 @@ class BiCQLML(OfflineModule):
         return nll
 
     def fit_offline_prior(self, obs: Tensor, actions: Tensor, batch_size: int = 256) -> Tensor:
-        """Fit the second acting prior of ``act_prior_data="both"`` to D's pairs, as
-        :meth:`fit_behavior_prior` fits the first to D_E's; it is used from then on."""
+        """Fit D's acting prior (``act_prior_data`` ``"both"``: all of D's pairs; ``"expert_like"``:
+        those of its expert-like episodes) as :meth:`fit_behavior_prior` fits D_E's; it is used
+        from then on."""
         assert self.offline_prior is not None
         nll = self._fit_clipped_prior(self.offline_prior, obs, actions, batch_size)
         self.offline_prior_fitted.fill_(True)
         self.offline_prior_used.fill_(True)
         return nll
+
+    def on_train_epoch_end(self) -> None:
+        if self.offline_prior is None or self.hparams.act_prior_data != "expert_like":
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or datamodule.offline_store is datamodule.expert_store:
+            return  # D is D_E: the expert prior is that fit
+        if not self._last_epoch():
+            return
+        kept = self.fit_offline_prior_to_expert_like(datamodule)
+        world_size, _ = self._world()
+        if is_distributed(world_size):
+            broadcast_(list(self.offline_prior.parameters()), src=0)
+        self.log("train/offline_prior_kept", kept, on_step=False, on_epoch=True)
+
+    def _last_epoch(self) -> bool:
+        """Whether training stops after this epoch (Lightning's own stopping rules, read at
+        ``on_train_epoch_end`` where the epoch already counts as processed)."""
+        trainer, loop = self.trainer, self.trainer.fit_loop
+        return bool(trainer.should_stop
+                    or (loop.max_steps is not None and loop.max_steps >= 0 and trainer.global_step >= loop.max_steps)
+                    or (loop.max_epochs is not None and loop.max_epochs >= 0
+                        and loop.epoch_progress.current.processed >= loop.max_epochs))
+
+    @torch.no_grad()
+    def learned_rewards(self, obs: Tensor, actions: Tensor, chunk: int = 1 << 14) -> Tensor:
+        """:math:`r_\theta(s,a)` ``(N,)`` for raw observations and actions, in chunks."""
+        out = [full_precision(self.reward_net(obs[i:i + chunk].to(self.device), actions[i:i + chunk].to(self.device)))
+               for i in range(0, obs.shape[0], chunk)]
+        return torch.cat(out)
+
+    def fit_offline_prior_to_expert_like(self, datamodule) -> float:
+        """Fit D's acting prior to the episodes of D that the current reward ranks as
+        expert-like (``expert_like_fraction``); returns the share of D's transitions kept."""
+        obs, actions = datamodule.proposal_pairs("offline")
+        expert_obs, expert_actions = datamodule.proposal_pairs("expert")
+        keep = expert_like_episodes(self.learned_rewards(obs, actions), datamodule.offline_store.episode,
+                                    self.learned_rewards(expert_obs, expert_actions).double().mean(),
+                                    self.hparams.expert_like_fraction).to(obs.device)
+        self.fit_offline_prior(obs[keep], actions[keep])
+        return float(keep.float().mean())
 
     def _fit_clipped_prior(self, prior: GaussianPolicy, obs: Tensor, actions: Tensor, batch_size: int) -> Tensor:
         return self._fit_frozen(prior, lambda o, a: prior.loss(o, a)[0], obs, actions,
@@ -683,7 +768,9 @@ class BiCQLML(OfflineModule):
                                      "this model was built without it (set act_prior when building the model).")
                 priors = [self.behavior_prior]
                 if self.offline_prior is not None and bool(self.offline_prior_used):
-                    priors.append(self.offline_prior)
+                    # "expert_like": D's prior covers D_E's episodes and replaces D_E's prior.
+                    priors = priors + [self.offline_prior] if self.hparams.act_prior_data == "both" else [
+                        self.offline_prior]
                 # u-space densities of the clipped Gaussian: prior and draw, the mode first. Drawn
                 # lazily, so each prior's draws follow the previous prior's pick in the stream.
                 candidate_sets = (prior.candidates(enc, self.hparams.num_act_candidates,

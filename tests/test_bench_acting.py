@@ -55,6 +55,6 @@ def test_rules_are_checked_before_anything_is_trained():
               "--n", "1", "--rules", "config", "bogus"])
     # Rules that tilt one of two priors need two: act_prior_data both and mixed data in D.
     for rule in ("offline_prior_mode", "clipped_gaussian:1:1:offline"):
-        with pytest.raises(SystemExit, match="needs act_prior_data: both in the config and --regime with-mixed"):
+        with pytest.raises(SystemExit, match="needs act_prior_data: both or expert_like in the config and --regime with-mixed"):
             main(["--manifest", "missing.json", "--data", "missing", "--task", "t", "--regime", "expert-only",
                   "--n", "1", "--rules", rule])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bicql_lightning import BiCQLML, RewardNet, polyak_update
+from bicql_lightning.module import expert_like_episodes
 
 DISCRETE = dict(obs_kind="box", obs_dim=4, action_kind="discrete", action_dim=3, action_low=[], action_high=[])
 BOX = dict(obs_kind="box", obs_dim=5, action_kind="box", action_dim=2, action_low=[-2.0, -1.0], action_high=[2.0, 1.0])
@@ -377,12 +378,47 @@ def test_act_prior_is_checked_against_the_acting_policy():
     with pytest.raises(ValueError, match="leave act_prior at 'proposal'"):
         BiCQLML(spaces=BOX, act_prior="clipped_gaussian")
     assert BiCQLML(spaces=BOX).behavior_prior is None  # the default builds nothing extra
-    with pytest.raises(ValueError, match="act_prior_data must be 'expert', 'offline', 'both' or null"):
+    with pytest.raises(ValueError, match="act_prior_data must be 'expert', 'offline', 'both', 'expert_like' or null"):
         BiCQLML(spaces=BOX, act_policy="proposal_weighted", act_prior="clipped_gaussian", act_prior_data="all")
     with pytest.raises(ValueError, match="with act_prior='proposal' leave it null"):
         BiCQLML(spaces=BOX, act_policy="proposal_weighted", act_prior_data="both")
     one = BiCQLML(spaces=BOX, act_policy="proposal_weighted", act_prior="clipped_gaussian", act_prior_data="offline")
     assert one.offline_prior is None  # one prior, fitted to D
+
+
+def test_expert_like_episodes_keeps_the_episodes_whose_mean_learned_reward_reaches_the_threshold():
+    # Episodes 0..3 of lengths 2, 3, 1, 2; per-transition means 1.0, 3.0, -2.0, 2.5.
+    reward = torch.tensor([0.0, 2.0, 3.0, 4.0, 2.0, -2.0, 2.0, 3.0])
+    episode = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3], dtype=torch.int32)
+    # D's mean 1.75; expert level 3.75; f = 0.5 -> threshold 2.75: only episode 1.
+    keep = expert_like_episodes(reward, episode, 3.75, 0.5)
+    assert keep.tolist() == [False, False, True, True, True, False, False, False]
+    # f = 0 -> 1.75: episodes 1 and 3. f = 1 -> 3.75: none reaches it, the best is kept.
+    assert expert_like_episodes(reward, episode, 3.75, 0.0).tolist() == [False, False, True, True, True, False,
+                                                                         True, True]
+    assert expert_like_episodes(reward, episode, 3.75, 1.0).tolist() == [False, False, True, True, True, False,
+                                                                         False, False]
+
+
+def test_expert_like_fraction_is_checked():
+    with pytest.raises(ValueError, match="expert_like_fraction must be a finite number"):
+        BiCQLML(spaces=BOX, act_policy="proposal_weighted", act_prior="clipped_gaussian", act_prior_data="expert_like",
+                expert_like_fraction=float("nan"))
+
+
+def test_act_prior_data_expert_like_acts_with_d_s_prior_alone_once_it_is_fitted():
+    torch.manual_seed(0)
+    obs = make_batch(BOX, batch_size=64)["obs"]
+    model = BiCQLML(spaces=BOX, hidden_sizes=[16], num_act_candidates=8, act_policy="proposal_weighted",
+                    act_prior="clipped_gaussian", act_prior_data="expert_like", act_temperature=0.05)
+    before = model.act(obs.numpy())
+    model.offline_prior_used.fill_(True)
+    after = model.act(obs.numpy())
+    # The same rule as D_E's prior alone, with D's prior in its place.
+    model.behavior_prior, model.offline_prior = model.offline_prior, model.behavior_prior
+    model.offline_prior_used.fill_(False)
+    np.testing.assert_array_equal(after, model.act(obs.numpy()))
+    assert not np.allclose(before, after)
 
 
 def test_act_prior_data_both_plays_whichever_tilted_prior_wins_by_q():

@@ -270,6 +270,52 @@ def test_act_prior_data_both_fits_a_prior_to_d_where_d_holds_more_than_d_e(tiny,
     np.testing.assert_array_equal(only.act(raw), before)
 
 
+def pendulum_reward(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Pendulum-v1's reward from its observation (cos, sin, angular velocity) and torque."""
+    theta = torch.atan2(obs[:, 1], obs[:, 0])
+    return -(theta.pow(2) + 0.1 * obs[:, 2].pow(2) + 0.001 * actions[:, 0].pow(2))
+
+
+def test_expert_like_prior_is_fitted_after_training_to_the_episodes_the_reward_ranks_expert_like(
+        tiny, tmp_path, monkeypatch):
+    kwargs = dict(act_policy="proposal_weighted", act_prior="clipped_gaussian", act_prior_data="both",
+                  act_prior_fit_steps=300, act_prior_lr=1e-3)
+    unfiltered, dm, _ = tiny_fit(tiny.ids("pendulum"), tmp_path / "a", model_kwargs=kwargs)
+    # The environment's reward stands in for a learned one that ranks the episodes well.
+    monkeypatch.setattr(BiCQLML, "learned_rewards", lambda self, obs, actions: pendulum_reward(obs, actions))
+
+    class Used(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):  # runs before the module's hook
+            self.used = getattr(self, "used", []) + [bool(pl_module.offline_prior_used)]
+    used = Used()
+    model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path / "b", max_epochs=2, callbacks=[used],
+                                  model_kwargs={**kwargs, "act_prior_data": "expert_like"})
+    assert used.used == [False, False]  # fitted neither before training nor after the first epoch
+    assert bool(model.offline_prior_used)
+    # D = 3 random episodes + the 2 expert ones: the expert ones are the episodes kept.
+    obs, actions = dm.proposal_pairs("offline")
+    episode = dm.offline_store.episode
+    expert_rows = episode >= 3
+    assert float(trainer.callback_metrics["train/offline_prior_kept"]) == pytest.approx(
+        float(expert_rows.float().mean()))
+
+    with torch.no_grad():  # negative log-likelihood of the demonstrations' actions (clipped to the bounds)
+        nll = [float(prior.loss(model.encoder(obs[expert_rows]), actions[expert_rows])[0])
+               for prior in (model.offline_prior, unfiltered.offline_prior, model.behavior_prior)]
+    # So D's prior now explains the demonstrations about as D_E's own prior does, and far
+    # better than a clone of all of D.
+    assert nll[0] < nll[1] - 0.5 and nll[0] < nll[2] + 0.2
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = BiCQLML.load_from_checkpoint(path)
+    raw = obs[:32].numpy()
+    np.testing.assert_array_equal(loaded.act(raw), model.act(raw))
+    # Where D is D_E nothing is refitted: D_E's prior stays the one acting.
+    only, _, _ = tiny_fit((tiny.pendulum_expert, None), tmp_path / "c", model_kwargs={**kwargs,
+                                                                                      "act_prior_data": "expert_like"})
+    assert not bool(only.offline_prior_used) and not bool(only.offline_prior_fitted)
+
+
 def test_reward_net_from_checkpoint_scores_raw_observations_like_the_model(fitted, tmp_path):
     model, dm, trainer = fitted["model"], fitted["dm"], fitted["trainer"]
     path = tmp_path / "model.ckpt"

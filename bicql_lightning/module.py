@@ -53,8 +53,8 @@ def expert_like_episodes(reward: Tensor, episode: Tensor, expert_level: Tensor |
     ``fraction``. A per-transition mean, so that episodes of any length compare; the episode
     with the highest mean is always kept. ``reward`` ``(N,)``, ``episode`` ``(N,)`` integer ids.
     """
-    episode = episode.long()
     reward = reward.double()
+    episode = episode.long().to(reward.device)  # the data may live on the CPU, the model on a GPU
     num = int(episode.max()) + 1
     sums = torch.zeros(num, dtype=torch.float64, device=reward.device).index_add_(0, episode, reward)
     counts = torch.bincount(episode, minlength=num)

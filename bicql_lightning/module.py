@@ -496,15 +496,22 @@ class BiCQLML(OfflineModule):
                for i in range(0, obs.shape[0], chunk)]
         return torch.cat(out)
 
+    def _store_rewards(self, store, chunk: int = 1 << 14) -> Tensor:
+        """:meth:`learned_rewards` over a data module's store, chunk by chunk: no copy of its
+        observations."""
+        actions = store.fields["action"]
+        return torch.cat([self.learned_rewards(obs, actions[i:i + chunk])
+                          for i, obs in zip(range(0, len(store), chunk), store.observations(chunk))])
+
     def fit_offline_prior_to_expert_like(self, datamodule) -> float:
         """Fit D's acting prior to the episodes of D that the current reward ranks as
         expert-like (``expert_like_fraction``); returns the share of D's transitions kept."""
-        obs, actions = datamodule.proposal_pairs("offline")
-        expert_obs, expert_actions = datamodule.proposal_pairs("expert")
-        keep = expert_like_episodes(self.learned_rewards(obs, actions), datamodule.offline_store.episode,
-                                    self.learned_rewards(expert_obs, expert_actions).double().mean(),
-                                    self.hparams.expert_like_fraction).to(obs.device)
-        self.fit_offline_prior(obs[keep], actions[keep])
+        store = datamodule.offline_store
+        keep = expert_like_episodes(self._store_rewards(store), store.episode,
+                                    self._store_rewards(datamodule.expert_store).double().mean(),
+                                    self.hparams.expert_like_fraction)
+        index = keep.nonzero().squeeze(1).to(store.device)  # only the kept pairs are gathered
+        self.fit_offline_prior(store.obs[store.rows(index)], store.fields["action"][index])
         return float(keep.float().mean())
 
     def _fit_clipped_prior(self, prior: GaussianPolicy, obs: Tensor, actions: Tensor, batch_size: int) -> Tensor:
@@ -769,8 +776,10 @@ class BiCQLML(OfflineModule):
                 priors = [self.behavior_prior]
                 if self.offline_prior is not None and bool(self.offline_prior_used):
                     # "expert_like": D's prior covers D_E's episodes and replaces D_E's prior.
-                    priors = priors + [self.offline_prior] if self.hparams.act_prior_data == "both" else [
-                        self.offline_prior]
+                    if self.hparams.act_prior_data == "both":
+                        priors.append(self.offline_prior)
+                    else:
+                        priors = [self.offline_prior]
                 # u-space densities of the clipped Gaussian: prior and draw, the mode first. Drawn
                 # lazily, so each prior's draws follow the previous prior's pick in the stream.
                 candidate_sets = (prior.candidates(enc, self.hparams.num_act_candidates,

@@ -147,6 +147,14 @@ def in_tier(tier: str | None, regime: str, n: int, algo: str, seed: int) -> bool
     return (regime, n) in spec["cells"] and algo in spec["algos"] and seed in spec["seeds"]
 
 
+def parse_cell(text: str) -> tuple[str, int]:
+    """``"with-mixed:1"`` -> ``("with-mixed", 1)``."""
+    regime, sep, n = text.rpartition(":")
+    if not sep or not n.isdigit():
+        raise argparse.ArgumentTypeError(f"a cell is REGIME:N (e.g. expert-only:1), got {text!r}")
+    return regime, int(n)
+
+
 def claim(path: Path) -> bool:
     """True for the one process that creates ``path``."""
     try:
@@ -170,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="*", default=None)
     parser.add_argument("--configs", default=str(ROOT / "configs" / "bench"), help="folder of <algo>.yaml")
     parser.add_argument("--seeds", nargs="*", type=int, default=None, help="a subset of the tier's seeds")
+    parser.add_argument("--cells", nargs="*", type=parse_cell, default=None, metavar="REGIME:N",
+                        help="a subset of the tier's (regime, N) cells, e.g. expert-only:1 with-mixed:1")
     parser.add_argument("--accelerator", default=None,
                         help="overrides the configs' trainer.accelerator (e.g. gpu); recorded in each row")
     parser.add_argument("--exclude-tier", choices=sorted(TIERS), default=None,
@@ -181,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
     tier = TIERS[args.tier]
+    unknown = set(args.cells or []) - set(tier["cells"])
+    if unknown:
+        parser.error(f"--cells {sorted(unknown)} are not in the {args.tier} tier's cells {tier['cells']}")
     tasks = [t for t in read_manifest(args.manifest) if args.tasks is None or t.name in args.tasks]
     results = Path(args.results)
     done = set()
@@ -191,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     if claims is not None:
         claims.mkdir(parents=True, exist_ok=True)
     cells = [(task, regime, n, algo, seed) for task in tasks for regime, n in tier["cells"]
+             if args.cells is None or (regime, n) in args.cells
              for algo in args.algos or tier["algos"] for seed in tier["seeds"]
              if (task.name, regime, n, algo, seed) not in done and (args.seeds is None or seed in args.seeds)
              and regime in ONLY_REGIMES.get(algo, {regime})

@@ -84,6 +84,10 @@ class TransitionStore:
         for start in range(0, len(self), chunk):
             yield self.obs[self.rows(slice(start, start + chunk))]
 
+    def pairs(self, index: Tensor | slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """(observations, actions) of the transitions at ``index``: only those are gathered."""
+        return self.obs[self.rows(index)], self.fields["action"][index]
+
     def rows(self, index: Tensor | slice) -> Tensor:
         """Rows of ``obs`` holding the observations of the transitions at ``index``."""
         if isinstance(index, slice):
@@ -362,8 +366,7 @@ class OfflineIRLDataModule(LightningDataModule):
 
     def proposal_pairs(self, which: str) -> tuple[Tensor, Tensor]:
         """(observations, actions) the Box proposal is fitted to: ``"expert"`` or ``"offline"``."""
-        store = self.expert_store if which == "expert" else self.offline_store
-        return store.obs[store.rows(slice(None))], store.fields["action"]
+        return (self.expert_store if which == "expert" else self.offline_store).pairs()
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

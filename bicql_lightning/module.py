@@ -499,9 +499,8 @@ class BiCQLML(OfflineModule):
     def _store_rewards(self, store, chunk: int = 1 << 14) -> Tensor:
         """:meth:`learned_rewards` over a data module's store, chunk by chunk: no copy of its
         observations."""
-        actions = store.fields["action"]
-        return torch.cat([self.learned_rewards(obs, actions[i:i + chunk])
-                          for i, obs in zip(range(0, len(store), chunk), store.observations(chunk))])
+        return torch.cat([self.learned_rewards(*store.pairs(slice(i, i + chunk)))
+                          for i in range(0, len(store), chunk)])
 
     def fit_offline_prior_to_expert_like(self, datamodule) -> float:
         """Fit D's acting prior to the episodes of D that the current reward ranks as
@@ -511,7 +510,7 @@ class BiCQLML(OfflineModule):
                                     self._store_rewards(datamodule.expert_store).double().mean(),
                                     self.hparams.expert_like_fraction)
         index = keep.nonzero().squeeze(1).to(store.device)  # only the kept pairs are gathered
-        self.fit_offline_prior(store.obs[store.rows(index)], store.fields["action"][index])
+        self.fit_offline_prior(*store.pairs(index))
         return float(keep.float().mean())
 
     def _fit_clipped_prior(self, prior: GaussianPolicy, obs: Tensor, actions: Tensor, batch_size: int) -> Tensor:

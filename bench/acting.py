@@ -15,6 +15,13 @@ a model with two priors DATA = ``expert``, ``offline`` or ``both``: tilt D_E's p
 D's alone, or both (generalised policy improvement, ``act_prior_data: both``'s rule). For
 the Q-tilted rules it also reports the share of steps where the action moved off the (first)
 prior's greedy one. Prints one JSON line.
+
+Tuning a rule on the protocol's own evaluation episodes (seeds 10000-10009) fits it to them;
+``--first-seed 20000 --episodes 30`` scores every rule on other episodes instead, and each
+rule's standard error over episodes (``"RULE se"``) says which differences are larger than
+the episodes' spread. ``--checkpoint PATH`` saves the trained cell there (a Lightning
+checkpoint that also names its cell) and, when PATH exists, loads it instead of training:
+one training, any number of rule comparisons. A checkpoint of another cell is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import yaml
 
 from bench.datasets import read_manifest
 from bench.run import EVAL_SEEDS, ROOT, train_cell
+from bicql_lightning import BiCQLML
 from bicql_lightning.callbacks import normalized_score, rollout_returns
 
 DEFAULT_RULES = ["config", "proposal_mode", "prior_mode", "proposal:10:0.5", "clipped_gaussian:1:1",
@@ -108,6 +116,30 @@ def rule_policy(model, rule: str):
     return policy, moved
 
 
+def cell_model(task, regime: str, n: int, seed: int, config: dict, checkpoint: str | None):
+    """``(model, info)`` of a cell: trained as ``bench.run`` trains it, or loaded from
+    ``checkpoint`` when that file exists (it must hold this cell, trained with this config).
+    ``info``: the benchmark score, training wall seconds and the score's reference returns,
+    saved with the weights. A new training is saved to ``checkpoint`` when one is named."""
+    cell = {"task": task.name, "regime": regime, "N": n, "seed": seed, "config": config}
+    if checkpoint is not None and Path(checkpoint).exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("bench_cell")
+        if saved is None or saved["cell"] != cell:
+            have = "no benchmark cell" if saved is None else {k: v for k, v in saved["cell"].items() if k != "config"}
+            raise SystemExit(f"{checkpoint} holds {have}, not this cell ({task.name}, {regime}, N={n}, seed={seed}) "
+                             "with this config: name another --checkpoint path (nothing was overwritten)")
+        return BiCQLML.load_from_checkpoint(checkpoint, map_location="cpu"), saved["info"]
+    model, trainer, evaluation, wall = train_cell(task, regime, n, seed, config)
+    info = {"benchmark_score": evaluation.last["normalized_score"], "train_wall_s": wall,
+            **{k: evaluation.last[k] for k in ("random_return", "expert_return")}}
+    if checkpoint is not None:
+        trainer.save_checkpoint(checkpoint)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state["bench_cell"] = {"cell": cell, "info": info}
+        torch.save(state, checkpoint)
+    return model, info
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", required=True)
@@ -118,7 +150,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default=str(ROOT / "configs" / "bench" / "bicql.yaml"))
     parser.add_argument("--rules", nargs="*", default=DEFAULT_RULES)
+    parser.add_argument("--first-seed", type=int, default=EVAL_SEEDS[0],
+                        help="seed of the first evaluation episode (default: the protocol's)")
+    parser.add_argument("--episodes", type=int, default=EVAL_SEEDS[1],
+                        help="evaluation episodes per rule (default: the protocol's)")
+    parser.add_argument("--checkpoint", help="load the trained cell from this file if it exists, else save it there")
     args = parser.parse_args(argv)
+    if args.episodes < 1:
+        raise SystemExit(f"--episodes must be at least 1, got {args.episodes}")
     config = yaml.safe_load(Path(args.config).read_text())
     two_priors = (config["model"]["init_args"].get("act_prior_data") in ("both", "expert_like")
                   and args.regime == "with-mixed")
@@ -135,11 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     if config["model"]["init_args"].get("act_prior") != "clipped_gaussian":
         raise SystemExit("bench.acting compares rules that need the clipped_gaussian prior: set "
                          "act_prior: clipped_gaussian in the config")
-    model, _, evaluation, wall = train_cell(task, args.regime, args.n, args.seed, config)
+    model, info = cell_model(task, args.regime, args.n, args.seed, config, args.checkpoint)
     model.eval()
-    out = {"task": task.name, "regime": args.regime, "N": args.n, "seed": args.seed, "train_wall_s": round(wall, 1),
-           "benchmark_score": evaluation.last["normalized_score"]}
-    first, episodes = EVAL_SEEDS
+    out = {"task": task.name, "regime": args.regime, "N": args.n, "seed": args.seed,
+           "train_wall_s": round(info["train_wall_s"], 1), "benchmark_score": info["benchmark_score"],
+           "episodes": [args.first_seed, args.episodes]}
+    first, episodes = args.first_seed, args.episodes
+    random_return, expert_return = info["random_return"], info["expert_return"]
     configured = {k: model.hparams[k] for k in ("act_prior", "act_temperature", "act_candidate_scale")}
     for rule in args.rules:
         model.hparams.update(configured)
@@ -153,9 +194,12 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(threads)
             for env in envs:
                 env.close()
-        score = normalized_score(float(np.mean(returns)), evaluation.last["random_return"],
-                                 evaluation.last["expert_return"])
-        out[rule] = round(score, 1) if score is not None else float(np.mean(returns))
+        scores = [normalized_score(float(r), random_return, expert_return) for r in returns]
+        if scores[0] is None:  # no reference returns: raw returns
+            scores = [float(r) for r in returns]
+        out[rule] = round(float(np.mean(scores)), 1)
+        if episodes > 1:
+            out[f"{rule} se"] = round(float(np.std(scores, ddof=1) / np.sqrt(episodes)), 1)
         if moved[1]:
             out[f"{rule} moved"] = round(moved[0] / moved[1], 2)
     print(json.dumps(out), flush=True)

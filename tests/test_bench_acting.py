@@ -1,12 +1,16 @@
 """bench.acting's rules are the library's own acting under the named settings."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
 import pytest
 
-from bench.acting import main, parse_rule, rule_policy
+import bench.acting
+from bench.acting import cell_model, main, parse_rule, rule_policy
 from bicql_lightning import BiCQLML
+from test_training import tiny_fit
 
 BOX = dict(obs_kind="box", obs_dim=5, action_kind="box", action_dim=2, action_low=[-2.0, -1.0], action_high=[2.0, 1.0])
 
@@ -58,3 +62,36 @@ def test_rules_are_checked_before_anything_is_trained():
         with pytest.raises(SystemExit, match="needs act_prior_data: both or expert_like in the config and --regime with-mixed"):
             main(["--manifest", "missing.json", "--data", "missing", "--task", "t", "--regime", "expert-only",
                   "--n", "1", "--rules", rule])
+
+
+def test_a_saved_cell_is_loaded_instead_of_trained_and_acts_as_trained(tiny, tmp_path, monkeypatch):
+    kwargs = dict(act_policy="proposal_weighted", act_prior="clipped_gaussian", act_prior_fit_steps=50)
+    trained, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path / "fit", model_kwargs=kwargs)
+    evaluation = SimpleNamespace(last={"normalized_score": 42.0, "random_return": -1200.0, "expert_return": -150.0})
+    calls = []
+    monkeypatch.setattr(bench.acting, "train_cell", lambda *cell: calls.append(cell) or (trained, trainer, evaluation, 7.0))
+    task, config = SimpleNamespace(name="pendulum"), {"model": {"init_args": kwargs}}
+    path = tmp_path / "cell.ckpt"
+
+    model, info = cell_model(task, "with-mixed", 1, 0, config, str(path))
+    assert model is trained and len(calls) == 1
+    assert info == {"benchmark_score": 42.0, "train_wall_s": 7.0, "random_return": -1200.0, "expert_return": -150.0}
+    saved = path.read_bytes()
+
+    loaded, loaded_info = cell_model(task, "with-mixed", 1, 0, config, str(path))
+    assert len(calls) == 1 and loaded_info == info  # not trained again
+    raw = dm.expert_store.tensors["obs"][:32].numpy()
+    np.testing.assert_array_equal(loaded.act(raw), trained.act(raw))
+
+    # Another cell, or the same cell under another config, is refused and the file kept.
+    for cell, cfg in (((task, "with-mixed", 1, 1), config), ((task, "with-mixed", 1, 0), {"model": {}})):
+        with pytest.raises(SystemExit, match=r"holds \{'task': 'pendulum', 'regime': 'with-mixed', 'N': 1, 'seed': 0\}, "
+                                             r"not this cell"):
+            cell_model(*cell, cfg, str(path))
+    assert path.read_bytes() == saved and len(calls) == 1
+
+
+def test_episode_count_is_checked_before_anything_is_trained():
+    with pytest.raises(SystemExit, match="--episodes must be at least 1, got 0"):
+        main(["--manifest", "missing.json", "--data", "missing", "--task", "t", "--regime", "expert-only",
+              "--n", "1", "--episodes", "0"])

@@ -83,12 +83,25 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", help="JSON-lines file written by bench.run")
+    parser.add_argument("results", nargs="+", help="JSON-lines files written by bench.run (merged: e.g. "
+                                                   "a tier and more seeds of its cells run later)")
     parser.add_argument("--out", required=True, help="folder for table.md and scores.png")
     args = parser.parse_args(argv)
-    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    rows, seen = [], {}
+    for path in args.results:
+        for line in Path(path).read_text().splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            key = (row["task"], row["regime"], row["N"], row["algo"], row["seed"])
+            if key in seen:
+                # Counting a seed twice would shrink the error bar and bias the mean.
+                raise SystemExit(f"{path} repeats the run {key} already in {seen[key]}: pass each run once "
+                                 "(drop one of the two rows or one of the files)")
+            seen[key] = path
+            rows.append(row)
     if not rows:
-        raise SystemExit(f"{args.results} holds no results")
+        raise SystemExit(f"{' '.join(args.results)} hold no results")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table(rows))

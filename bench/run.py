@@ -168,6 +168,17 @@ def cell_key(row: dict) -> tuple:
     return row["task"], row["regime"], row["N"], row["algo"], row["seed"]
 
 
+def plan_cells(tasks, tier: dict, algos, seeds, cells, done: set, exclude_tier: str | None) -> list[tuple]:
+    """The ``(task, regime, N, algo, seed)`` runs still to do: the tier's cells (or ``cells`` of
+    them) for ``algos`` and ``seeds`` (default: the tier's), minus those in ``done``."""
+    return [(task, regime, n, algo, seed) for task in tasks for regime, n in tier["cells"]
+            if cells is None or (regime, n) in cells
+            for algo in algos or tier["algos"] for seed in (tier["seeds"] if seeds is None else seeds)
+            if (task.name, regime, n, algo, seed) not in done
+            and regime in ONLY_REGIMES.get(algo, {regime})
+            and not in_tier(exclude_tier, regime, n, algo, seed)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True)
@@ -177,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--algos", nargs="*", default=None)
     parser.add_argument("--tasks", nargs="*", default=None)
     parser.add_argument("--configs", default=str(ROOT / "configs" / "bench"), help="folder of <algo>.yaml")
-    parser.add_argument("--seeds", nargs="*", type=int, default=None, help="a subset of the tier's seeds")
+    parser.add_argument("--seeds", nargs="*", type=int, default=None,
+                        help="the seeds to run instead of the tier's (e.g. 3 4 5 for more seeds of its cells)")
     parser.add_argument("--cells", nargs="*", type=parse_cell, default=None, metavar="REGIME:N",
                         help="a subset of the tier's (regime, N) cells, e.g. expert-only:1 with-mixed:1")
     parser.add_argument("--accelerator", default=None,
@@ -203,12 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     claims = Path(args.claims) if args.claims else None
     if claims is not None:
         claims.mkdir(parents=True, exist_ok=True)
-    cells = [(task, regime, n, algo, seed) for task in tasks for regime, n in tier["cells"]
-             if args.cells is None or (regime, n) in args.cells
-             for algo in args.algos or tier["algos"] for seed in tier["seeds"]
-             if (task.name, regime, n, algo, seed) not in done and (args.seeds is None or seed in args.seeds)
-             and regime in ONLY_REGIMES.get(algo, {regime})
-             and not in_tier(args.exclude_tier, regime, n, algo, seed)]
+    cells = plan_cells(tasks, tier, args.algos, args.seeds, args.cells, done, args.exclude_tier)
     if claims is not None:
         # Several processes drain one queue: the longest cells first, so none is left alone at the end.
         cells.sort(key=lambda c: (c[1] != "with-mixed", -c[2], COST_RANK.get(c[3], len(COST_RANK))))

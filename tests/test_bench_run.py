@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from bench.run import TIERS, main, parse_cell
+from bench.run import TIERS, main, parse_cell, plan_cells
 
 
 def test_a_cell_is_regime_colon_n():
@@ -24,3 +24,29 @@ def test_cells_outside_the_tier_are_refused_before_the_manifest_is_read(tmp_path
     assert exit_info.value.code == 2
     assert "--cells [('with-mixed', 10)] are not in the quick tier's cells" in capsys.readouterr().err
     assert not results.exists()
+
+
+class _Task:
+    def __init__(self, name):
+        self.name = name
+
+
+def test_seeds_beyond_the_tier_add_runs_of_its_cells_and_skip_finished_ones():
+    tasks = [_Task("hopper"), _Task("walker2d")]
+    done = {("walker2d", "expert-only", 1, "bc", 4)}
+    plan = plan_cells(tasks, TIERS["full"], ["bicql", "bc"], [3, 4, 5], [("expert-only", 1)], done, None)
+    keys = [(task.name, regime, n, algo, seed) for task, regime, n, algo, seed in plan]
+    assert len(keys) == 2 * 2 * 3 - 1
+    assert {key[4] for key in keys} == {3, 4, 5}
+    assert ("walker2d", "expert-only", 1, "bc", 4) not in keys
+    assert {(key[1], key[2]) for key in keys} == {("expert-only", 1)}
+
+
+def test_without_seeds_a_tier_runs_its_own_and_bc_all_only_with_mixed_data():
+    plan = plan_cells([_Task("hopper")], TIERS["quick"], None, None, None, set(), None)
+    keys = {(regime, n, algo, seed) for _, regime, n, algo, seed in plan}
+    assert {seed for *_, seed in keys} == {0}
+    assert len(keys) == 3 * 2 + 1  # bicql and bc in three cells, bc_all in with-mixed:1 only
+    assert ("with-mixed", 1, "bc_all", 0) in keys and ("expert-only", 1, "bc_all", 0) not in keys
+    rest = plan_cells([_Task("hopper")], TIERS["full"], ["bicql"], None, None, set(), "quick")
+    assert len(rest) == 4 * 3 - 3  # the full tier's BiCQL-ML runs minus the quick tier's three

@@ -152,7 +152,7 @@ class BiCQLML(OfflineModule):
             before training and frozen. The tanh-squashed proposal puts demonstrations'
             saturated actions at the edge of an exploding density, and its mode varies with
             the fit's seed (hopper: its mode scores 50-98 over seeds); the clipped fit's mode
-            scored 95-100 on every hopper weight tried (README: benchmark).
+            scored 95-100 on every hopper weight tried (bench/NOTES.md).
         act_prior_fit_steps: maximum-likelihood steps fitting the ``"clipped_gaussian"`` prior.
         act_prior_lr: learning rate of that fit. A checkpoint keeps the act_prior it was
             trained with: the fitted prior's weights are part of it.
@@ -162,7 +162,7 @@ class BiCQLML(OfflineModule):
             are tilted by Q as above, and of the two winners the one with the higher Q is
             played. Where D holds more than D_E this lets Q choose, state by state, between
             cloning the demonstrations and cloning the logged data (which is the better
-            controller depends on the logged data: README, benchmark); where D is D_E there is
+            controller depends on the logged data: bench/NOTES.md); where D is D_E there is
             one prior. ``"expert_like"``: the prior is fitted to D_E before training and, where D
             holds more than D_E, replaced after the last training epoch by a prior fitted to
             the episodes of D that the final learned reward ranks as expert-like
@@ -170,7 +170,7 @@ class BiCQLML(OfflineModule):
             being in D, rank among them). This is how the learned reward labels logged data that
             cloning cannot: a clone of all of D copies its random actions too (halfcheetah
             with-mixed N = 1, same weights: 6.1 for the mode of D's prior, 98.2 for that of the
-            expert-like episodes' prior; README, benchmark). The refit comes before the final
+            expert-like episodes' prior; bench/NOTES.md). The refit comes before the final
             rollout evaluation and the last checkpoint; a run resumed past it fits again with
             its new final reward.
         expert_like_fraction: ``act_prior_data="expert_like"`` only: :math:`f` of

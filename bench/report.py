@@ -29,10 +29,16 @@ def _corr(values: list[float | None]) -> str:
     return f"{np.mean(vals):.2f}" if vals else "–"
 
 
+def run_key(row: dict) -> tuple:
+    """One run of the benchmark: ``(task, regime, N, algo, seed)``; bench.run skips the runs
+    already in its results file by this key."""
+    return row["task"], row["regime"], row["N"], row["algo"], row["seed"]
+
+
 def group(rows: list[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[(row["task"], row["regime"], row["N"], row["algo"])].append(row)
+        groups[run_key(row)[:4]].append(row)
     return dict(sorted(groups.items()))
 
 
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             if not line.strip():
                 continue
             row = json.loads(line)
-            key = (row["task"], row["regime"], row["N"], row["algo"], row["seed"])
+            key = run_key(row)
             if key in seen:
                 # Counting a seed twice would shrink the error bar and bias the mean.
                 raise SystemExit(f"{path} repeats the run {key} already in {seen[key]}: pass each run once "

@@ -29,6 +29,7 @@ import yaml
 
 from bench.datasets import read_manifest
 from bench.machine import machine
+from bench.report import run_key
 from bicql_lightning import OfflineIRLDataModule, RolloutEvaluation, load_transitions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,10 +165,6 @@ def claim(path: Path) -> bool:
     return True
 
 
-def cell_key(row: dict) -> tuple:
-    return row["task"], row["regime"], row["N"], row["algo"], row["seed"]
-
-
 def plan_cells(tasks, tier: dict, algos, seeds, cells, done: set, exclude_tier: str | None) -> list[tuple]:
     """The ``(task, regime, N, algo, seed)`` runs still to do: the tier's cells (or ``cells`` of
     them) for ``algos`` and ``seeds`` (default: the tier's), minus those in ``done``."""
@@ -210,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     results = Path(args.results)
     done = set()
     if results.exists():
-        done = {cell_key(json.loads(line)) for line in results.read_text().splitlines() if line.strip()}
+        done = {run_key(json.loads(line)) for line in results.read_text().splitlines() if line.strip()}
     results.parent.mkdir(parents=True, exist_ok=True)
     claims = Path(args.claims) if args.claims else None
     if claims is not None:

@@ -246,7 +246,9 @@ def test_box_proposal_samples_of_a_shard_are_the_rows_of_the_global_draw(monkeyp
         monkeypatch.setattr(model, "_world", lambda rank=rank: (2, rank))
         rows = [2 * rank, 2 * rank + 1, 4 + rank]  # its halves of both parts
         actions, logp = model._sample_actions(obs[rows], segments=(2, 1))
-        assert torch.equal(actions, whole[rows]) and torch.equal(logp, whole_logp[rows])
+        assert torch.equal(actions, whole[rows])
+        # The density of the same draws; a smaller batch may take another SIMD path (last bits).
+        torch.testing.assert_close(logp, whole_logp[rows], rtol=0.0, atol=1e-5)
 
 
 @pytest.mark.parametrize("env", ENVS)

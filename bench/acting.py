@@ -12,7 +12,10 @@ the proposal, of the ``clipped_gaussian`` prior fitted to D_E or of the prior th
 ``PRIOR:T:SCALE[:DATA]``: ``act()`` with ``act_prior`` = PRIOR (``proposal`` or
 ``clipped_gaussian``), ``act_temperature`` = T and ``act_candidate_scale`` = SCALE, and for
 a model with two priors DATA = ``expert``, ``offline`` or ``both``: tilt D_E's prior alone,
-D's alone, or both (generalised policy improvement, ``act_prior_data: both``'s rule). For
+D's alone, or both (generalised policy improvement, ``act_prior_data: both``'s rule), or
+``ascent:T:K[:ETA]``: the mode of prior(a|s)·exp(Q(s,a)/T) found by K preconditioned ascent
+steps from the prior's mode (:func:`tilted_mode`; the prior the model acts with), kept where it
+scores above the best of the config's candidates (an experiment, not in the module). For
 the Q-tilted rules it also reports the share of steps where the action moved off the (first)
 prior's greedy one. Prints one JSON line.
 
@@ -37,15 +40,59 @@ import torch
 import yaml
 
 from bench.datasets import read_manifest
-from bench.run import EVAL_SEEDS, ROOT, train_cell
+from bench.run import EVAL_SEEDS, ROOT, choose_precision, train_cell
 from bicql_lightning import BiCQLML
 from bicql_lightning.callbacks import normalized_score, rollout_returns
+from bicql_lightning.precision import bf16_is_slow_on_cpu, is_bf16
 
 DEFAULT_RULES = ["config", "proposal_mode", "prior_mode", "proposal:10:0.5", "clipped_gaussian:1:1",
                  "clipped_gaussian:10:0.5"]
 
 
 GREEDY_RULES = ("config", "proposal_mode", "prior_mode", "offline_prior_mode")
+
+
+def parse_ascent(rule: str) -> tuple[float, int, float] | None:
+    """``ascent:T:K[:ETA]`` -> ``(T, K, ETA)``; ``None`` for any other rule."""
+    parts = rule.split(":")
+    if parts[0] != "ascent":
+        return None
+    try:
+        t_act, steps, eta = float(parts[1]), int(parts[2]), float(parts[3]) if len(parts) == 4 else 0.5
+    except (IndexError, ValueError):
+        raise SystemExit(f"acting rule {rule!r}: use ascent:T:K[:ETA] (e.g. ascent:4:20:0.5)") from None
+    if len(parts) > 4 or t_act <= 0 or steps < 1 or not 0 < eta <= 1:
+        raise SystemExit(f"acting rule {rule!r}: ascent:T:K[:ETA] needs T > 0, K >= 1 and 0 < ETA <= 1")
+    return t_act, steps, eta
+
+
+def tilted_mode(model, prior, enc: torch.Tensor, t_act: float, steps: int, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Ascent on the tilted log density :math:`F(u) = \min_i Q_i(s, a(u))/T + \log\mathcal N(u; \mu,
+    \sigma^2)` over the prior's pre-clipping point :math:`u` (a(u): the clipped action), from
+    :math:`u = \mu`, preconditioned by the prior's covariance:
+    :math:`u \leftarrow u + \eta\,[\sigma^2 \nabla_u Q/T - (u - \mu)]` (for Q linear in a,
+    one step with :math:`\eta = 1` lands on the tilted Gaussian's mode). Returns the
+    action ``(B, A)`` and :math:`F` there ``(B,)``."""
+    with torch.no_grad():
+        mean, log_std = prior(enc)
+    var = (2 * log_std).exp()
+
+    def objective(u):
+        action = prior.from_unit(u.clamp(-1.0, 1.0))
+        q = model.q_net(enc, action.unsqueeze(1)).min(0).values.squeeze(1)  # (B,)
+        log_prior = (-0.5 * ((u - mean) ** 2) / var - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+        return q, log_prior, action
+
+    u = mean.clone()
+    for _ in range(steps):
+        u = u.detach().requires_grad_(True)
+        with torch.enable_grad():
+            q, _, _ = objective(u)
+            (grad,) = torch.autograd.grad(q.sum(), u)
+        u = u.detach() + eta * (var * grad / t_act - (u.detach() - mean))
+    with torch.no_grad():
+        q, log_prior, action = objective(u)
+    return action, q / t_act + log_prior
 
 
 def parse_rule(rule: str) -> tuple[str, float, float, str | None]:
@@ -95,6 +142,29 @@ def rule_policy(model, rule: str):
         def greedy(obs):
             return net.mode(model.encoder(torch.as_tensor(obs, device=model.device))).cpu().numpy()
         return greedy, moved
+    ascent = parse_ascent(rule)
+    if ascent is not None:
+        t_act, steps, eta = ascent
+        prior = (model.offline_prior if model.offline_prior is not None and bool(model.offline_prior_used)
+                 else model.behavior_prior)
+
+        def ascended(obs):
+            enc = model.encoder(torch.as_tensor(obs, device=model.device))
+            with torch.no_grad():
+                gen = torch.Generator(device=enc.device).manual_seed(0)
+                cands, log_prior, log_prop = prior.candidates(enc, model.hparams.num_act_candidates, 1.0, generator=gen)
+                q = model.q_net(enc, cands).min(0).values
+                logits = q / t_act + log_prior
+                best = logits.argmax(1)
+                rows = torch.arange(cands.shape[0])
+                sampled, sampled_f = cands[rows, best], logits[rows, best]
+            action, f = tilted_mode(model, prior, enc, t_act, steps, eta)
+            action = torch.where((f > sampled_f).unsqueeze(1), action, sampled)
+            mode = prior.mode(enc)
+            moved[0] += int(((action - mode).abs().max(-1).values > 1e-6).sum())
+            moved[1] += len(obs)
+            return action.detach().cpu().numpy()
+        return ascended, moved
     data = None
     if rule != "config":
         prior, t_act, scale, data = parse_rule(rule)
@@ -154,14 +224,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="seed of the first evaluation episode (default: the protocol's)")
     parser.add_argument("--episodes", type=int, default=EVAL_SEEDS[1],
                         help="evaluation episodes per rule (default: the protocol's)")
+    parser.add_argument("--precision", default="auto", help="trainer.precision, as bench.run's --precision")
     parser.add_argument("--checkpoint", help="load the trained cell from this file if it exists, else save it there")
     args = parser.parse_args(argv)
     if args.episodes < 1:
         raise SystemExit(f"--episodes must be at least 1, got {args.episodes}")
     config = yaml.safe_load(Path(args.config).read_text())
+    trainer = config.setdefault("trainer", {})
+    precision = choose_precision(trainer, args.precision, args.precision == "auto"
+                                 and is_bf16(trainer.get("precision")) and bf16_is_slow_on_cpu())
+    if precision is not None:
+        trainer["precision"] = precision
     two_priors = (config["model"]["init_args"].get("act_prior_data") in ("both", "expert_like")
                   and args.regime == "with-mixed")
     for rule in args.rules:  # before minutes of training
+        if parse_ascent(rule) is not None:
+            continue
         needs_two = rule == "offline_prior_mode" or (rule not in GREEDY_RULES and parse_rule(rule)[3] is not None)
         if needs_two and not two_priors:
             raise SystemExit(f"acting rule {rule!r} needs act_prior_data: both or expert_like in the config and --regime "

@@ -31,6 +31,7 @@ from bench.datasets import read_manifest
 from bench.machine import machine
 from bench.report import run_key
 from bicql_lightning import OfflineIRLDataModule, RolloutEvaluation, load_transitions
+from bicql_lightning.precision import bf16_is_slow_on_cpu, is_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = {
@@ -156,6 +157,18 @@ def parse_cell(text: str) -> tuple[str, int]:
     return regime, int(n)
 
 
+def choose_precision(trainer: dict, requested: str, slow_bf16: bool) -> str | None:
+    """The precision a cell trains with: ``requested``, or for ``"auto"`` the config's, except
+    that bf16 on a CPU without bf16 arithmetic (``slow_bf16``) becomes ``"32-true"``: the same
+    training in float32, at its speed instead of a software-emulated bf16's (many times slower;
+    bicql_lightning/precision.py). ``None``: the config names none and none was requested."""
+    configured = trainer.get("precision")
+    if requested != "auto":
+        return requested
+    on_cpu = trainer.get("accelerator", "cpu") == "cpu"
+    return "32-true" if on_cpu and is_bf16(configured) and slow_bf16 else configured
+
+
 def claim(path: Path) -> bool:
     """True for the one process that creates ``path``."""
     try:
@@ -191,6 +204,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="a subset of the tier's (regime, N) cells, e.g. expert-only:1 with-mixed:1")
     parser.add_argument("--accelerator", default=None,
                         help="overrides the configs' trainer.accelerator (e.g. gpu); recorded in each row")
+    parser.add_argument("--precision", default="auto",
+                        help="trainer.precision for every cell (e.g. 32-true, bf16-mixed); 'auto' (default) keeps "
+                             "the config's, except bf16 on a CPU without bf16 arithmetic, which trains in "
+                             "32-true; recorded in each row's config")
     parser.add_argument("--exclude-tier", choices=sorted(TIERS), default=None,
                         help="skip the cells of this tier (e.g. the full tier's remainder after a quick "
                              "tier run elsewhere)")
@@ -220,8 +237,18 @@ def main(argv: list[str] | None = None) -> None:
         if claims is not None and not claim(claims / f"{task.name}_{regime}_{n}_{algo}_{seed}"):
             continue
         config = yaml.safe_load((Path(args.configs) / f"{algo}.yaml").read_text())
+        trainer = config.setdefault("trainer", {})
         if args.accelerator:
-            config.setdefault("trainer", {})["accelerator"] = args.accelerator
+            trainer["accelerator"] = args.accelerator
+        precision = choose_precision(trainer, args.precision,
+                                     args.precision == "auto" and is_bf16(trainer.get("precision"))
+                                     and bf16_is_slow_on_cpu())
+        if precision != trainer.get("precision"):
+            print(f"{task.name} {regime} N={n} {algo} seed={seed}: trainer.precision {precision} instead of the "
+                  f"config's {trainer.get('precision')}" + (" (no bf16 arithmetic on this CPU)"
+                                                            if args.precision == "auto" else ""), flush=True)
+        if precision is not None:
+            trainer["precision"] = precision
         row = run_cell(task, regime, n, algo, seed, config)
         append_line(results, json.dumps(row))
         print(f"{task.name} {regime} N={n} {algo} seed={seed}: score={row['normalized_score']:.1f} "

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .distributed import AtomicCheckpointIO, all_reduce_mean_, is_distributed
 from .losses import Metrics
 from .networks import ObservationEncoder
+from .precision import bf16_is_slow_on_cpu, is_bf16, slow_bf16_message
 from .reward import CHECKPOINT_KEY, check_checkpoint_model, read_checkpoint
 from .spaces import SpaceSpec, check_spec
 
@@ -88,6 +89,9 @@ class OfflineModule(LightningModule):
 
     def on_fit_start(self) -> None:
         world_size, _ = self._world()
+        precision = getattr(self.trainer, "precision", None)
+        if self.device.type == "cpu" and is_bf16(precision) and bf16_is_slow_on_cpu():
+            rank_zero_warn(slow_bf16_message(precision))
         if self._generator is None or self._generator.device != self.device:
             seed = self._default_seed()
             if is_distributed(world_size):

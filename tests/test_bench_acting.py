@@ -8,7 +8,7 @@ import torch
 import pytest
 
 import bench.acting
-from bench.acting import cell_model, main, parse_rule, rule_policy
+from bench.acting import cell_model, main, parse_ascent, parse_rule, rule_policy, tilted_mode
 from bicql_lightning import BiCQLML
 from test_training import tiny_fit
 
@@ -95,3 +95,49 @@ def test_episode_count_is_checked_before_anything_is_trained():
     with pytest.raises(SystemExit, match="--episodes must be at least 1, got 0"):
         main(["--manifest", "missing.json", "--data", "missing", "--task", "t", "--regime", "expert-only",
               "--n", "1", "--episodes", "0"])
+
+
+class LinearQ(torch.nn.Module):
+    """Twin Q(s, a) = g . a, the same for both twins: ``(2, B, M)``."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.g = torch.nn.Parameter(torch.as_tensor(g, dtype=torch.float32))
+
+    def forward(self, obs, actions):
+        return (actions * self.g).sum(-1).expand(2, -1, -1)
+
+
+def test_ascent_lands_on_the_tilted_gaussians_mode_for_a_linear_q():
+    model = make_model()
+    model.q_net = LinearQ([0.3, -0.2])
+    obs = torch.as_tensor(np.random.default_rng(2).normal(size=(8, 5)).astype(np.float32))
+    enc = model.encoder(obs)
+    prior = model.behavior_prior
+    with torch.no_grad():
+        mean, log_std = prior(enc)
+    # Q(a(u)) = g . (c + h u) inside the box, so the mode of N(u; mu, s^2) exp(Q/T) is mu + s^2 h g / T.
+    t_act = 4.0
+    expected_u = mean + (2 * log_std).exp() * prior.action_half * model.q_net.g.detach() / t_act
+    assert expected_u.abs().max() < 1.0  # inside the box: no face in the way
+    action, score = tilted_mode(model, prior, enc, t_act, steps=40, eta=0.5)
+    torch.testing.assert_close(action, prior.from_unit(expected_u), rtol=0.0, atol=1e-5)
+    # The tilted log density there beats the prior's mode's.
+    with torch.no_grad():
+        mode = prior.from_unit(mean.clamp(-1, 1))
+        at_mode = (mode * model.q_net.g).sum(-1) / t_act + (-log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+    assert (score > at_mode).all()
+
+
+def test_the_ascent_rule_plays_the_priors_mode_without_q_and_is_checked_before_training():
+    model = make_model()
+    obs = np.random.default_rng(3).normal(size=(16, 5)).astype(np.float32)
+    policy, moved = rule_policy(model, "ascent:1e9:5")
+    np.testing.assert_allclose(policy(obs), model.behavior_prior.mode(model.encoder(torch.as_tensor(obs))).numpy(),
+                               rtol=0.0, atol=1e-6)
+    assert parse_ascent("ascent:4:20") == (4.0, 20, 0.5) and parse_ascent("ascent:2:5:1") == (2.0, 5, 1.0)
+    assert parse_ascent("clipped_gaussian:1:1") is None
+    for bad in ("ascent:4", "ascent:0:5", "ascent:4:0", "ascent:4:5:2"):
+        with pytest.raises(SystemExit, match="ascent:T:K"):
+            main(["--manifest", "missing.json", "--data", "missing", "--task", "t", "--regime", "expert-only",
+                  "--n", "1", "--rules", "config", bad])

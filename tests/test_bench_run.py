@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from bench.run import TIERS, main, parse_cell, plan_cells
+from bench.run import TIERS, choose_precision, main, parse_cell, plan_cells
+from bicql_lightning.precision import cpu_bf16_slowdown, is_bf16
 
 
 def test_a_cell_is_regime_colon_n():
@@ -50,3 +51,22 @@ def test_without_seeds_a_tier_runs_its_own_and_bc_all_only_with_mixed_data():
     assert ("with-mixed", 1, "bc_all", 0) in keys and ("expert-only", 1, "bc_all", 0) not in keys
     rest = plan_cells([_Task("hopper")], TIERS["full"], ["bicql"], None, None, set(), "quick")
     assert len(rest) == 4 * 3 - 3  # the full tier's BiCQL-ML runs minus the quick tier's three
+
+
+def test_auto_precision_trains_in_float32_only_where_bf16_is_emulated_on_the_cpu():
+    bf16_cpu = {"accelerator": "cpu", "precision": "bf16-mixed"}
+    assert choose_precision(bf16_cpu, "auto", slow_bf16=True) == "32-true"
+    assert choose_precision(bf16_cpu, "auto", slow_bf16=False) == "bf16-mixed"
+    # a GPU keeps the config's bf16; a float32 config stays as it is
+    assert choose_precision({"accelerator": "gpu", "precision": "bf16-mixed"}, "auto", slow_bf16=True) == "bf16-mixed"
+    assert choose_precision({"precision": "32-true"}, "auto", slow_bf16=True) == "32-true"
+    assert choose_precision({}, "auto", slow_bf16=True) is None
+    # an explicit request wins, slow or not
+    assert choose_precision(bf16_cpu, "bf16-mixed", slow_bf16=True) == "bf16-mixed"
+    assert choose_precision({"precision": "32-true"}, "bf16-mixed", slow_bf16=False) == "bf16-mixed"
+
+
+def test_the_bf16_slowdown_is_a_measured_positive_ratio_and_bf16_settings_are_recognised():
+    ratio = cpu_bf16_slowdown()
+    assert 0.0 < ratio < 1e4 and cpu_bf16_slowdown() == ratio  # measured once per process
+    assert is_bf16("bf16-mixed") and is_bf16("bf16-true") and not is_bf16("32-true") and not is_bf16(None)

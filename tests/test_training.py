@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import gymnasium as gym
@@ -135,6 +136,21 @@ def test_a_configured_target_update_replaces_the_default_one(tiny, tmp_path):
     assert [cb for cb in trainer.callbacks if isinstance(cb, TargetNetworkUpdate)] == [hard]
     # 20 updates: the last one was followed by a hard copy.
     assert all(torch.equal(t, q) for t, q in zip(model.target_q_net.parameters(), model.q_net.parameters()))
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_bf16_training_on_a_cpu_without_bf16_arithmetic_warns_with_the_fix(tiny, tmp_path, monkeypatch, slow):
+    monkeypatch.setattr("bicql_lightning.base.bf16_is_slow_on_cpu", lambda: slow)
+    dm = OfflineIRLDataModule(*tiny.ids("pendulum"), batch_size=32, batches_per_epoch=2, val_size=64)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        precision="bf16-mixed", **QUIET)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(BiCQLML(**TINY_MODEL), dm)
+    told = [str(w.message) for w in caught if "no bf16 instructions" in str(w.message)]
+    assert len(told) == int(slow)
+    if slow:
+        assert "bf16-mixed" in told[0] and "--trainer.precision 32-true" in told[0]
 
 
 def test_logged_training_rows_are_fresh_for_any_trainer_logging_interval(tiny, tmp_path):

@@ -2,7 +2,7 @@
 
 ``precision: bf16-mixed`` (``configs/bench/bicql.yaml``, ``configs/cluster/ddp.yaml``) makes
 the matrix products bf16. CPUs with bf16 instructions (AVX512-BF16, AMX) run them faster
-than float32; CPUs without them (AVX2-only x86, most laptops) emulate them in software, and
+than float32; CPUs without them (AVX2-only x86 among them) emulate them in software, and
 measured on an AVX2-only AMD EPYC a 5376x256 @ 256x256 product took 533 ms in bf16 against
 12 ms in float32: a benchmark cell that trains in 3 minutes on the first kind ran for over
 13 minutes on the second without finishing. Instruction flags differ by vendor and OS, so

@@ -40,10 +40,9 @@ import torch
 import yaml
 
 from bench.datasets import read_manifest
-from bench.run import EVAL_SEEDS, ROOT, choose_precision, train_cell
+from bench.run import EVAL_SEEDS, ROOT, set_precision, train_cell
 from bicql_lightning import BiCQLML
 from bicql_lightning.callbacks import normalized_score, rollout_returns
-from bicql_lightning.precision import bf16_is_slow_on_cpu, is_bf16
 
 DEFAULT_RULES = ["config", "proposal_mode", "prior_mode", "proposal:10:0.5", "clipped_gaussian:1:1",
                  "clipped_gaussian:10:0.5"]
@@ -230,11 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.episodes < 1:
         raise SystemExit(f"--episodes must be at least 1, got {args.episodes}")
     config = yaml.safe_load(Path(args.config).read_text())
-    trainer = config.setdefault("trainer", {})
-    precision = choose_precision(trainer, args.precision, args.precision == "auto"
-                                 and is_bf16(trainer.get("precision")) and bf16_is_slow_on_cpu())
-    if precision is not None:
-        trainer["precision"] = precision
+    set_precision(config.setdefault("trainer", {}), args.precision)
     two_priors = (config["model"]["init_args"].get("act_prior_data") in ("both", "expert_like")
                   and args.regime == "with-mixed")
     for rule in args.rules:  # before minutes of training

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -157,16 +158,28 @@ def parse_cell(text: str) -> tuple[str, int]:
     return regime, int(n)
 
 
-def choose_precision(trainer: dict, requested: str, slow_bf16: bool) -> str | None:
+def choose_precision(trainer: dict, requested: str, slow_bf16: Callable[[], bool] | None = None) -> str | None:
     """The precision a cell trains with: ``requested``, or for ``"auto"`` the config's, except
-    that bf16 on a CPU without bf16 arithmetic (``slow_bf16``) becomes ``"32-true"``: the same
-    training in float32, at its speed instead of a software-emulated bf16's (many times slower;
-    bicql_lightning/precision.py). ``None``: the config names none and none was requested."""
+    that bf16 on a CPU without bf16 arithmetic (``slow_bf16()``, asked only then) becomes
+    ``"32-true"``: the same training in float32, at its speed instead of a software-emulated
+    bf16's (many times slower; bicql_lightning/precision.py; ``slow_bf16`` defaults to its
+    measurement). ``None``: the config names none and none was requested."""
     configured = trainer.get("precision")
     if requested != "auto":
         return requested
     on_cpu = trainer.get("accelerator", "cpu") == "cpu"
-    return "32-true" if on_cpu and is_bf16(configured) and slow_bf16 else configured
+    slow_bf16 = bf16_is_slow_on_cpu if slow_bf16 is None else slow_bf16
+    return "32-true" if on_cpu and is_bf16(configured) and slow_bf16() else configured
+
+
+def set_precision(trainer: dict, requested: str) -> str | None:
+    """Write :func:`choose_precision`'s pick into a config's ``trainer`` block; returns the
+    precision the config named."""
+    configured = trainer.get("precision")
+    precision = choose_precision(trainer, requested)
+    if precision is not None:
+        trainer["precision"] = precision
+    return configured
 
 
 def claim(path: Path) -> bool:
@@ -240,15 +253,11 @@ def main(argv: list[str] | None = None) -> None:
         trainer = config.setdefault("trainer", {})
         if args.accelerator:
             trainer["accelerator"] = args.accelerator
-        precision = choose_precision(trainer, args.precision,
-                                     args.precision == "auto" and is_bf16(trainer.get("precision"))
-                                     and bf16_is_slow_on_cpu())
-        if precision != trainer.get("precision"):
-            print(f"{task.name} {regime} N={n} {algo} seed={seed}: trainer.precision {precision} instead of the "
-                  f"config's {trainer.get('precision')}" + (" (no bf16 arithmetic on this CPU)"
-                                                            if args.precision == "auto" else ""), flush=True)
-        if precision is not None:
-            trainer["precision"] = precision
+        configured = set_precision(trainer, args.precision)
+        if trainer.get("precision") != configured:
+            print(f"{task.name} {regime} N={n} {algo} seed={seed}: trainer.precision {trainer['precision']} instead "
+                  f"of the config's {configured}" + (" (no bf16 arithmetic on this CPU)"
+                                                     if args.precision == "auto" else ""), flush=True)
         row = run_cell(task, regime, n, algo, seed, config)
         append_line(results, json.dumps(row))
         print(f"{task.name} {regime} N={n} {algo} seed={seed}: score={row['normalized_score']:.1f} "

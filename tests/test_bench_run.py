@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from bench.run import TIERS, choose_precision, main, parse_cell, plan_cells
+from bench.run import TIERS, choose_precision, main, parse_cell, plan_cells, set_precision
 from bicql_lightning.precision import cpu_bf16_slowdown, is_bf16
 
 
@@ -55,15 +55,27 @@ def test_without_seeds_a_tier_runs_its_own_and_bc_all_only_with_mixed_data():
 
 def test_auto_precision_trains_in_float32_only_where_bf16_is_emulated_on_the_cpu():
     bf16_cpu = {"accelerator": "cpu", "precision": "bf16-mixed"}
-    assert choose_precision(bf16_cpu, "auto", slow_bf16=True) == "32-true"
-    assert choose_precision(bf16_cpu, "auto", slow_bf16=False) == "bf16-mixed"
-    # a GPU keeps the config's bf16; a float32 config stays as it is
-    assert choose_precision({"accelerator": "gpu", "precision": "bf16-mixed"}, "auto", slow_bf16=True) == "bf16-mixed"
-    assert choose_precision({"precision": "32-true"}, "auto", slow_bf16=True) == "32-true"
-    assert choose_precision({}, "auto", slow_bf16=True) is None
+    slow, fast = (lambda: True), (lambda: False)
+    assert choose_precision(bf16_cpu, "auto", slow) == "32-true"
+    assert choose_precision(bf16_cpu, "auto", fast) == "bf16-mixed"
+
+    def not_asked():
+        raise AssertionError("the CPU was measured where its bf16 speed does not matter")
+    # a GPU keeps the config's bf16; a float32 config stays as it is; neither measures the CPU
+    assert choose_precision({"accelerator": "gpu", "precision": "bf16-mixed"}, "auto", not_asked) == "bf16-mixed"
+    assert choose_precision({"precision": "32-true"}, "auto", not_asked) == "32-true"
+    assert choose_precision({}, "auto", not_asked) is None
     # an explicit request wins, slow or not
-    assert choose_precision(bf16_cpu, "bf16-mixed", slow_bf16=True) == "bf16-mixed"
-    assert choose_precision({"precision": "32-true"}, "bf16-mixed", slow_bf16=False) == "bf16-mixed"
+    assert choose_precision(bf16_cpu, "bf16-mixed", not_asked) == "bf16-mixed"
+    assert choose_precision({"precision": "32-true"}, "bf16-mixed", not_asked) == "bf16-mixed"
+
+
+def test_set_precision_writes_the_pick_and_returns_what_the_config_named(monkeypatch):
+    monkeypatch.setattr("bench.run.bf16_is_slow_on_cpu", lambda: True)
+    trainer = {"accelerator": "cpu", "precision": "bf16-mixed"}
+    assert set_precision(trainer, "auto") == "bf16-mixed" and trainer["precision"] == "32-true"
+    trainer = {}
+    assert set_precision(trainer, "auto") is None and "precision" not in trainer
 
 
 def test_the_bf16_slowdown_is_a_measured_positive_ratio_and_bf16_settings_are_recognised():

@@ -1,22 +1,23 @@
-"""Compare BiCQL-ML's Box acting rules on the same trained weights.
+"""Compare BiCQL-ML's acting rules on the same trained weights (an experiment, not the library).
 
     python -m bench.acting --manifest ../shared/experts/experts.json --data DATA \\
         --task hopper --regime with-mixed --n 10 --seed 0
 
 Trains one benchmark cell exactly as ``bench.run`` does (``configs/bench/bicql.yaml``;
-the rule ``config`` is the config's own, so its score is the cell's benchmark score), then
-evaluates each acting rule on those weights with the protocol's 10 deterministic episodes.
-A rule is ``proposal_mode``, ``prior_mode``, ``offline_prior_mode`` (the greedy action of
-the proposal, of the ``clipped_gaussian`` prior fitted to D_E or of the prior that
-``act_prior_data`` ``both`` or ``expert_like`` fits to D; Q unused) or
-``PRIOR:T:SCALE[:DATA]``: ``act()`` with ``act_prior`` = PRIOR (``proposal`` or
-``clipped_gaussian``), ``act_temperature`` = T and ``act_candidate_scale`` = SCALE, and for
-a model with two priors DATA = ``expert``, ``offline`` or ``both``: tilt D_E's prior alone,
-D's alone, or both (generalised policy improvement, ``act_prior_data: both``'s rule), or
-``ascent:T:K[:ETA]``: the mode of prior(a|s)·exp(Q(s,a)/T) found by K preconditioned ascent
-steps from the prior's mode (:func:`tilted_mode`; the prior the model acts with), kept where it
-scores above the best of the config's candidates (an experiment, not in the module). For
-the Q-tilted rules it also reports the share of steps where the action moved off the (first)
+the rule ``config`` is the model's own policy, so its score is the cell's benchmark score),
+then evaluates each acting rule on those weights with the protocol's 10 deterministic
+episodes. Each rule is a policy object built beside the model's, sharing its Q and its
+fitted prior; nothing of the model is changed:
+
+* ``config``: the model's ``policy`` as trained;
+* ``prior_mode``: the greedy action of the default controller's acting prior (Q unused);
+* ``tilted:T``: :class:`~bicql_lightning.TiltedPriorPolicy` at acting temperature T;
+* ``boltzmann:T``: :class:`~bicql_lightning.BoltzmannPolicy` (the paper's) at temperature T;
+* ``ascent:T:K[:ETA]``: the mode of prior(a|s)·exp(Q(s,a)/T) found by K preconditioned
+  ascent steps from the prior's mode (:func:`tilted_mode`), kept where it scores above the
+  best of the tilted candidates (:class:`AscentPolicy`).
+
+For rules that read Q it also reports the share of steps where the action moved off the
 prior's greedy one. Prints one JSON line.
 
 Tuning a rule on the protocol's own evaluation episodes (seeds 10000-10009) fits it to them;
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,28 +41,30 @@ import yaml
 
 from bench.datasets import read_manifest
 from bench.run import EVAL_SEEDS, ROOT, set_precision, train_cell
-from bicql_lightning import BiCQLML
+from bicql_lightning import BiCQLML, BoltzmannPolicy, TiltedPriorPolicy
 from bicql_lightning.callbacks import normalized_score, rollout_returns
 
-DEFAULT_RULES = ["config", "proposal_mode", "prior_mode", "proposal:10:0.5", "clipped_gaussian:1:1",
-                 "clipped_gaussian:10:0.5"]
+DEFAULT_RULES = ["config", "prior_mode", "tilted:1", "tilted:4", "boltzmann:1"]
 
 
-GREEDY_RULES = ("config", "proposal_mode", "prior_mode", "offline_prior_mode")
-
-
-def parse_ascent(rule: str) -> tuple[float, int, float] | None:
-    """``ascent:T:K[:ETA]`` -> ``(T, K, ETA)``; ``None`` for any other rule."""
-    parts = rule.split(":")
-    if parts[0] != "ascent":
-        return None
+def parse_rule(rule: str) -> tuple[str, tuple[float, ...]]:
+    """``NAME[:ARGS]`` -> ``(name, numbers)``, checked before anything is trained."""
+    name, *args = rule.split(":")
+    arity = {"config": (0, 0), "prior_mode": (0, 0), "tilted": (1, 1), "boltzmann": (1, 1), "ascent": (2, 3)}
+    if name not in arity or not arity[name][0] <= len(args) <= arity[name][1]:
+        raise SystemExit(f"unknown acting rule {rule!r}: use config, prior_mode, tilted:T, boltzmann:T or "
+                         "ascent:T:K[:ETA] (e.g. tilted:4)")
     try:
-        t_act, steps, eta = float(parts[1]), int(parts[2]), float(parts[3]) if len(parts) == 4 else 0.5
-    except (IndexError, ValueError):
-        raise SystemExit(f"acting rule {rule!r}: use ascent:T:K[:ETA] (e.g. ascent:4:20:0.5)") from None
-    if len(parts) > 4 or t_act <= 0 or steps < 1 or not 0 < eta <= 1:
-        raise SystemExit(f"acting rule {rule!r}: ascent:T:K[:ETA] needs T > 0, K >= 1 and 0 < ETA <= 1")
-    return t_act, steps, eta
+        numbers = tuple(float(x) for x in args)
+    except ValueError:
+        raise SystemExit(f"acting rule {rule!r}: its arguments must be numbers") from None
+    if name == "ascent":
+        numbers = numbers + (0.5,) * (3 - len(numbers))
+        if numbers[0] <= 0 or numbers[1] < 1 or not 0 < numbers[2] <= 1:
+            raise SystemExit(f"acting rule {rule!r}: ascent:T:K[:ETA] needs T > 0, K >= 1 and 0 < ETA <= 1")
+    elif numbers and numbers[0] <= 0:
+        raise SystemExit(f"acting rule {rule!r}: the temperature must be positive")
+    return name, numbers
 
 
 def tilted_mode(model, prior, enc: torch.Tensor, t_act: float, steps: int, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +85,7 @@ def tilted_mode(model, prior, enc: torch.Tensor, t_act: float, steps: int, eta: 
         return q, log_prior, action
 
     u = mean.clone()
-    for _ in range(steps):
+    for _ in range(int(steps)):
         u = u.detach().requires_grad_(True)
         with torch.enable_grad():
             q, _, _ = objective(u)
@@ -94,95 +96,70 @@ def tilted_mode(model, prior, enc: torch.Tensor, t_act: float, steps: int, eta: 
     return action, q / t_act + log_prior
 
 
-def parse_rule(rule: str) -> tuple[str, float, float, str | None]:
-    """``PRIOR:T:SCALE[:DATA]`` -> its parts, checked as the module's constructor checks them."""
-    parts = rule.split(":")
-    if (len(parts) not in (3, 4) or parts[0] not in ("proposal", "clipped_gaussian")
-            or (len(parts) == 4 and (parts[0] != "clipped_gaussian" or parts[3] not in ("expert", "offline", "both")))):
-        raise SystemExit(f"unknown acting rule {rule!r}: use {', '.join(GREEDY_RULES)} or PRIOR:T:SCALE[:DATA] "
-                         "with PRIOR proposal or clipped_gaussian and DATA (clipped_gaussian only) expert, offline "
-                         "or both (e.g. clipped_gaussian:1:1)")
-    t_act, scale = float(parts[1]), float(parts[2])
-    if t_act <= 0 or scale <= 0:
-        raise SystemExit(f"acting rule {rule!r}: the temperature and the candidate scale must be positive")
-    return parts[0], t_act, scale, (parts[3] if len(parts) == 4 else None)
+class AscentPolicy(TiltedPriorPolicy):
+    """The tilted prior's best candidate, replaced by the ascended mode where that scores higher."""
+
+    def __init__(self, temperature: float = 4.0, num_candidates: int = 64, steps: int = 20, eta: float = 0.5,
+                 **kwargs):
+        super().__init__(temperature=temperature, num_candidates=num_candidates, **kwargs)
+        self.steps, self.eta = steps, eta
+
+    def actions(self, enc: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        prior = self.acting_prior
+        noise = self._noise(enc.shape[0], (self.num_candidates, prior.act_dim), True, enc.device)
+        cands, log_prior = prior.candidates(enc, noise)
+        logits = self.q_net(enc, cands).min(0).values / self.temperature + log_prior
+        best = logits.argmax(1)
+        rows = torch.arange(cands.shape[0], device=enc.device)
+        sampled, sampled_f = cands[rows, best], logits[rows, best]
+        action, f = tilted_mode(self, prior, enc, self.temperature, self.steps, self.eta)
+        return torch.where((f > sampled_f).unsqueeze(1), action, sampled)
 
 
-@contextmanager
-def acting_priors(model, data: str | None):
-    """``act()`` tilts the expert prior alone (``expert``), the offline one alone (``offline``)
-    or both (``both``, the act_prior_data="both" rule) inside the block; ``None``: as trained."""
-    if data is None:
-        yield
-        return
-    saved, saved_data = model.behavior_prior, model.hparams.act_prior_data
-    try:
-        if data == "offline":
-            model.behavior_prior = model.offline_prior
-        model.offline_prior_used.fill_(data == "both")
-        model.hparams.act_prior_data = "both"  # GPI over both where both are used
-        yield
-    finally:
-        model.behavior_prior, model.hparams.act_prior_data = saved, saved_data
-        model.offline_prior_used.fill_(True)
+def sibling_policy(model, policy_cls, **init_args):
+    """A policy of ``policy_cls`` built on ``model``'s Q, carrying the fitted priors of the
+    model's own policy where it has them; the model is left as it is."""
+    if issubclass(policy_cls, TiltedPriorPolicy) and isinstance(model.policy, TiltedPriorPolicy):
+        init_args.setdefault("hidden_sizes", model.policy.hidden_sizes)
+    policy = policy_cls(**init_args)
+    policy.build(model.spaces, model.q_net, model.encoder, model.proposal, model.hparams.temperature)
+    if isinstance(policy, TiltedPriorPolicy) and isinstance(model.policy, TiltedPriorPolicy):
+        policy.load_state_dict(model.policy.state_dict())
+    return policy.to(model.device)
 
 
 def rule_policy(model, rule: str):
     """``(policy, moved)``: a function of stacked raw observations, and a counter
     ``[steps moved off the prior's greedy action, steps]`` it updates."""
+    name, numbers = parse_rule(rule)
     moved = [0, 0]
-    if rule in ("proposal_mode", "prior_mode", "offline_prior_mode"):
-        net = {"proposal_mode": model.proposal, "prior_mode": model.behavior_prior,
-               "offline_prior_mode": model.offline_prior}[rule]
-        if net is None:
-            raise SystemExit("offline_prior_mode needs a model trained with act_prior_data: both or expert_like")
+    prior = getattr(model.policy, "acting_prior", None)
+    if name == "prior_mode":
+        if prior is None:
+            raise SystemExit("prior_mode needs a model whose policy has a prior (TiltedPriorPolicy)")
 
         @torch.no_grad()
         def greedy(obs):
-            return net.mode(model.encoder(torch.as_tensor(obs, device=model.device))).cpu().numpy()
+            return prior.mode(model.encoder(torch.as_tensor(obs, device=model.device))).cpu().numpy()
         return greedy, moved
-    ascent = parse_ascent(rule)
-    if ascent is not None:
-        t_act, steps, eta = ascent
-        prior = (model.offline_prior if model.offline_prior is not None and bool(model.offline_prior_used)
-                 else model.behavior_prior)
+    candidates = model.policy.num_candidates
+    policy = {"config": lambda: model.policy,
+              "tilted": lambda: sibling_policy(model, TiltedPriorPolicy, temperature=numbers[0],
+                                               num_candidates=candidates),
+              "boltzmann": lambda: sibling_policy(model, BoltzmannPolicy, temperature=numbers[0],
+                                                  num_candidates=candidates),
+              "ascent": lambda: sibling_policy(model, AscentPolicy, temperature=numbers[0], steps=int(numbers[1]),
+                                               eta=numbers[2], num_candidates=candidates)}[name]()
 
-        def ascended(obs):
-            enc = model.encoder(torch.as_tensor(obs, device=model.device))
+    def act(obs):
+        action = policy.act(obs)
+        if prior is not None:
             with torch.no_grad():
-                gen = torch.Generator(device=enc.device).manual_seed(0)
-                cands, log_prior, log_prop = prior.candidates(enc, model.hparams.num_act_candidates, 1.0, generator=gen)
-                q = model.q_net(enc, cands).min(0).values
-                logits = q / t_act + log_prior
-                best = logits.argmax(1)
-                rows = torch.arange(cands.shape[0])
-                sampled, sampled_f = cands[rows, best], logits[rows, best]
-            action, f = tilted_mode(model, prior, enc, t_act, steps, eta)
-            action = torch.where((f > sampled_f).unsqueeze(1), action, sampled)
-            mode = prior.mode(enc)
-            moved[0] += int(((action - mode).abs().max(-1).values > 1e-6).sum())
+                mode = prior.mode(model.encoder(torch.as_tensor(obs, device=model.device))).cpu().numpy()
+            moved[0] += int((np.abs(action - mode).max(-1) > 1e-6).sum())
             moved[1] += len(obs)
-            return action.detach().cpu().numpy()
-        return ascended, moved
-    data = None
-    if rule != "config":
-        prior, t_act, scale, data = parse_rule(rule)
-        if data is not None and (model.offline_prior is None or not bool(model.offline_prior_used)):
-            raise SystemExit(f"acting rule {rule!r} needs a model trained with act_prior_data: both or expert_like on data "
-                             "where D holds more than D_E")
-        model.hparams.act_prior, model.hparams.act_temperature = prior, t_act
-        model.hparams.act_candidate_scale = scale
-    base = model.proposal if model.hparams.act_prior == "proposal" else model.behavior_prior
-
-    @torch.no_grad()
-    def policy(obs):
-        with acting_priors(model, data):
-            action = model.act(obs)
-        mode = base.mode(model.encoder(torch.as_tensor(obs, device=model.device))).cpu().numpy()
-        moved[0] += int((np.abs(action - mode).max(-1) > 1e-6).sum())
-        moved[1] += len(obs)
         return action
-    return policy, moved
+    return act, moved
 
 
 def cell_model(task, regime: str, n: int, seed: int, config: dict, checkpoint: str | None):
@@ -230,23 +207,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--episodes must be at least 1, got {args.episodes}")
     config = yaml.safe_load(Path(args.config).read_text())
     set_precision(config.setdefault("trainer", {}), args.precision)
-    two_priors = (config["model"]["init_args"].get("act_prior_data") in ("both", "expert_like")
-                  and args.regime == "with-mixed")
     for rule in args.rules:  # before minutes of training
-        if parse_ascent(rule) is not None:
-            continue
-        needs_two = rule == "offline_prior_mode" or (rule not in GREEDY_RULES and parse_rule(rule)[3] is not None)
-        if needs_two and not two_priors:
-            raise SystemExit(f"acting rule {rule!r} needs act_prior_data: both or expert_like in the config and --regime "
-                             "with-mixed (two priors)")
+        parse_rule(rule)
     os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
     tasks = {t.name: t for t in read_manifest(args.manifest)}
     if args.task not in tasks:
         raise SystemExit(f"task {args.task!r} is not in {args.manifest} (it has {sorted(tasks)})")
     task = tasks[args.task]
-    if config["model"]["init_args"].get("act_prior") != "clipped_gaussian":
-        raise SystemExit("bench.acting compares rules that need the clipped_gaussian prior: set "
-                         "act_prior: clipped_gaussian in the config")
     model, info = cell_model(task, args.regime, args.n, args.seed, config, args.checkpoint)
     model.eval()
     out = {"task": task.name, "regime": args.regime, "N": args.n, "seed": args.seed,
@@ -254,9 +221,7 @@ def main(argv: list[str] | None = None) -> None:
            "episodes": [args.first_seed, args.episodes]}
     first, episodes = args.first_seed, args.episodes
     random_return, expert_return = info["random_return"], info["expert_return"]
-    configured = {k: model.hparams[k] for k in ("act_prior", "act_temperature", "act_candidate_scale")}
     for rule in args.rules:
-        model.hparams.update(configured)
         policy, moved = rule_policy(model, rule)
         envs = [task.make_env() for _ in range(episodes)]  # the manifest's env_kwargs too
         threads = torch.get_num_threads()

@@ -8,7 +8,7 @@ shared by the expert and the learner, this script
    episodes of the Boltzmann expert pi* as a Minari dataset with ``collect_dataset``
    (in a temporary Minari root unless ``--minari-root``), and ``--offline-episodes``
    (default 100; 0 for the expert-only setting) uniform-random episodes as offline data;
-2. trains ``BiCQLML`` through ``OfflineIRLDataModule`` (one-hot states) on the first N
+2. trains ``BiCQLML`` (``bench.variants.BiCQLMLVariant``, for its experimental options) through ``OfflineIRLDataModule`` (one-hot states) on the first N
    expert episodes plus the offline data, for each N of ``--episodes``;
 3. scores the learned reward table and the Boltzmann(Q) policy exactly
    (:class:`bicql_lightning.tabular_metrics.TabularTask`), next to behaviour cloning by
@@ -196,7 +196,8 @@ def train_case(case: dict, N: int, args: argparse.Namespace) -> tuple[dict, obje
     import torch
     from lightning.pytorch import Callback
 
-    from bicql_lightning import BiCQLML, OfflineIRLDataModule, TargetNetworkUpdate
+    from bench.variants import BiCQLMLVariant
+    from bicql_lightning import OfflineIRLDataModule, TargetNetworkUpdate
     from bicql_lightning.tabular_metrics import count_bc_policy, model_tables
 
     class Snapshots(Callback):
@@ -214,8 +215,9 @@ def train_case(case: dict, N: int, args: argparse.Namespace) -> tuple[dict, obje
                               offline_dataset=case["offline_id"] if args.offline_episodes else None,
                               expert_episodes=N, batch_size=args.batch_size, batches_per_epoch=args.updates,
                               val_size=64, seed=args.seed, download=False)
-    model = BiCQLML(spaces=dm.spaces, hidden_sizes=[args.hidden] * 2, reward_hidden_sizes=[args.hidden] * 2,
-                    gamma=args.gamma, temperature=args.temperature, alpha=args.alpha, cql_data=args.cql_data,
+    # advantage_net="online": the setting this experiment's recorded results were measured with.
+    model = BiCQLMLVariant(spaces=dm.spaces, hidden_sizes=[args.hidden] * 2, reward_hidden_sizes=[args.hidden] * 2,
+                    advantage_net="online", gamma=args.gamma, temperature=args.temperature, alpha=args.alpha, cql_data=args.cql_data,
                     q_updates=args.q_updates, reward_updates=args.reward_updates, q_lr=args.q_lr,
                     reward_lr=args.reward_lr, reward_bound=args.reward_bound,
                     reward_on_offline=bool(args.reward_on_offline), cql_target_gap=args.cql_target_gap,

@@ -1,13 +1,15 @@
 """bicql-lightning: BiCQL-ML offline inverse reinforcement learning for PyTorch Lightning."""
 
 from .bc import BehaviorCloning
-from .callbacks import RolloutEvaluation, TargetNetworkUpdate, normalized_score
+from .callbacks import FitPolicy, RolloutEvaluation, TargetNetworkUpdate, normalized_score
 from .datamodule import OfflineIRLDataModule, TransitionStore
+from .densities import ActionProposal, GaussianPolicy
 from .distributed import AtomicCheckpointIO
 from .datasets import DatasetError, Transitions, collect_dataset, evaluate_policy, load_transitions
 from .iqlearn import IQLearn
 from .module import BiCQLML
-from .networks import ActionProposal, EnsembleLinear, ObservationEncoder, QEnsemble, polyak_update
+from .networks import EnsembleLinear, ObservationEncoder, QEnsemble, polyak_update
+from .policies import BoltzmannPolicy, QPolicy, TiltedPriorPolicy
 from .reward import CheckpointError, LearnedRewardWrapper, RewardNet
 from .spaces import SpaceSpec, space_spec
 from . import tabular  # noqa: F401 - registers the tabular MDPs' Gymnasium ids
@@ -15,9 +17,10 @@ from . import tabular  # noqa: F401 - registers the tabular MDPs' Gymnasium ids
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActionProposal", "AtomicCheckpointIO", "BehaviorCloning", "BiCQLML", "CheckpointError", "DatasetError", "EnsembleLinear", "IQLearn",
-    "LearnedRewardWrapper", "ObservationEncoder", "OfflineIRLDataModule", "QEnsemble",
-    "RewardNet", "RolloutEvaluation", "SpaceSpec", "TargetNetworkUpdate", "TransitionStore",
+    "ActionProposal", "AtomicCheckpointIO", "BehaviorCloning", "BiCQLML", "BoltzmannPolicy", "CheckpointError",
+    "DatasetError", "EnsembleLinear", "FitPolicy", "GaussianPolicy", "IQLearn", "LearnedRewardWrapper",
+    "ObservationEncoder", "OfflineIRLDataModule", "QEnsemble", "QPolicy", "RewardNet", "RolloutEvaluation",
+    "TiltedPriorPolicy", "SpaceSpec", "TargetNetworkUpdate", "TransitionStore",
     "Transitions", "collect_dataset", "evaluate_policy", "load_transitions", "normalized_score",
     "polyak_update", "space_spec",
 ]

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .distributed import AtomicCheckpointIO, all_reduce_mean_, is_distributed
 from .losses import Metrics
 from .networks import ObservationEncoder
+from .policies import batch_observations
 from .precision import bf16_is_slow_on_cpu, is_bf16, slow_bf16_message
 from .reward import CHECKPOINT_KEY, check_checkpoint_model, read_checkpoint
 from .spaces import SpaceSpec, check_spec
@@ -223,10 +224,7 @@ class OfflineModule(LightningModule):
     # ------------------------------------------------------------------ acting helpers
     def _obs_tensor(self, obs: np.ndarray | Tensor) -> tuple[Tensor, bool]:
         """Raw observation(s) as a batched tensor on the module's device, and whether it was one."""
-        single_dims = 0 if self.spaces["obs_kind"] == "discrete" else 1
-        obs_t = torch.as_tensor(np.asarray(obs) if not isinstance(obs, Tensor) else obs, device=self.device)
-        single = obs_t.dim() == single_dims
-        return (obs_t.unsqueeze(0) if single else obs_t), single
+        return batch_observations(obs, self.spaces["obs_kind"], self.device)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_info(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""Callbacks: target-network syncing and rollout evaluation in the real environment.
+"""Callbacks: target-network syncing, fitting the acting policy, rollout evaluation.
 
-Both count *updates* (the module's ``updates``, one per ``training_step``), not
+All count *updates* (the module's ``updates``, one per ``training_step``), not
 Lightning's ``global_step``, which under manual optimisation counts every optimizer step.
 """
 
@@ -15,7 +15,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
 
+from .distributed import broadcast_, is_distributed
 from .networks import polyak_update
 
 
@@ -46,6 +48,53 @@ class TargetNetworkUpdate(Callback):
             polyak_update(pl_module.target_q_net, pl_module.q_net, self.tau)
 
 
+class FitPolicy(Callback):
+    """Fit the module's acting ``policy`` to data: before training and after the last epoch.
+
+    Before the first update, ``policy.fit`` (the default controller fits its prior to the
+    demonstrations; a policy a checkpoint already holds fitted is left alone). After the
+    last epoch, before the final rollout evaluation and the last checkpoint,
+    ``policy.refit`` with the final learned reward (the default controller refits its prior
+    to D's expert-like episodes; a run resumed past that point refits with its new reward).
+    Both draw from the module's random stream and are broadcast from rank 0 under DDP.
+    BiCQLML adds this callback itself unless one is configured.
+    """
+
+    def _sync(self, trainer: Trainer, policy: torch.nn.Module) -> None:
+        if is_distributed(trainer.world_size):
+            # Every rank fitted the same data with the same stream; make the copies identical
+            # even where a device's kernels are not bit-reproducible.
+            broadcast_(list(policy.parameters()), src=0)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        policy = getattr(pl_module, "policy", None)
+        if policy is None or not getattr(policy, "needs_fit", False):
+            return
+        if not hasattr(trainer.datamodule, "pairs"):
+            raise ValueError(f"Fitting {type(policy).__name__} needs the data: pass an OfflineIRLDataModule to fit.")
+        policy.fit(trainer.datamodule, pl_module._rng())
+        self._sync(trainer, policy)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        policy = getattr(pl_module, "policy", None)
+        if policy is None or not hasattr(policy, "refit") or not _last_epoch(trainer):
+            return
+        metrics = policy.refit(trainer.datamodule, pl_module.learned_rewards, pl_module._rng())
+        self._sync(trainer, policy)
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=False, on_epoch=True)
+
+
+def _last_epoch(trainer: Trainer) -> bool:
+    """Whether training stops after this epoch (Lightning's own stopping rules, read at
+    ``on_train_epoch_end``, where the epoch already counts as processed)."""
+    loop = trainer.fit_loop
+    return bool(trainer.should_stop
+                or (loop.max_steps is not None and loop.max_steps >= 0 and trainer.global_step >= loop.max_steps)
+                or (loop.max_epochs is not None and loop.max_epochs >= 0
+                    and loop.epoch_progress.current.processed >= loop.max_epochs))
+
+
 def rollout_returns(envs: list[gym.Env], act: Callable[[np.ndarray], np.ndarray],
                     seeds: list[int]) -> np.ndarray:
     """Undiscounted returns of one episode per environment, stepped in lockstep.
@@ -67,6 +116,11 @@ def rollout_returns(envs: list[gym.Env], act: Callable[[np.ndarray], np.ndarray]
                 still.append(k)
         running = still
     return returns
+
+
+def _revision(pl_module: LightningModule) -> int:
+    """How many times the module's controller was refitted: a refit changes what ``act`` does."""
+    return int(getattr(getattr(pl_module, "policy", None), "revision", 0))
 
 
 def normalized_score(ret: float, random_return: float | None, expert_return: float | None) -> float | None:
@@ -149,7 +203,7 @@ class RolloutEvaluation(Callback):
                     env.close()
             random_return, expert_return = self._references(trainer)
             mean = float(np.mean(returns))
-            result = {"updates": int(pl_module.updates),
+            result = {"updates": int(pl_module.updates), "policy_revision": _revision(pl_module),
                       "updates_per_sec": float(getattr(pl_module, "updates_per_sec", float("nan"))),
                       "return": mean, "return_std": float(np.std(returns)),
                       "returns": [float(r) for r in returns], "random_return": random_return,
@@ -176,7 +230,8 @@ class RolloutEvaluation(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.at_end:
             return
-        if self.last is None or self.last["updates"] != pl_module.updates:
+        if (self.last is None or self.last["updates"] != pl_module.updates
+                or self.last.get("policy_revision") != _revision(pl_module)):  # refitted since
             self.evaluate(trainer, pl_module)
             if trainer.logger is not None:
                 trainer.logger.log_metrics(self._metrics(self.last), step=trainer.global_step)
@@ -196,11 +251,69 @@ class RolloutEvaluation(Callback):
             return "unknown" if value is None else f"{value:.1f}"
 
         seeds = f"seeds {self.seed}..{self.seed + self.episodes - 1}"
+        score = fmt(result["normalized_score"])
+        if result["normalized_score"] is None:
+            score += (" (no reference returns: give RolloutEvaluation random_return and expert_return, e.g. "
+                      "init_args: {random_return: 9.3, expert_return: 500}, or make the dataset with "
+                      "`bicql dataset ... --ref-max-score R_EXPERT`)")
         return "\n".join([
             f"Rollout evaluation after {result['updates']} updates ({self.episodes} episodes, {seeds}):",
             f"  learned controller return: {result['return']:.1f} ± {result['return_std']:.1f}",
             f"  expert return:             {fmt(result['expert_return'])}",
             f"  random return:             {fmt(result['random_return'])}",
-            f"  normalised score:          {fmt(result['normalized_score'])}",
+            f"  normalised score:          {score}",
             f"  training throughput:       {result['updates_per_sec']:.1f} updates/s",
         ])
+
+
+class ProgressLine(Callback):
+    """One plain line every ``every_n_updates`` updates: for output that is not a terminal,
+    where a progress bar shows up only when training ends. ``bicql fit`` uses it then.
+
+    ``update 1000/5000 (20%) | 9.3 updates/s | eval return 3120.4 (normalised 85.2) at 1000``
+    """
+
+    def __init__(self, every_n_updates: int = 500):
+        if every_n_updates < 1:
+            raise ValueError(f"every_n_updates must be at least 1, got {every_n_updates}")
+        self.every_n_updates = every_n_updates
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            print(f"{type(pl_module).__name__}: training {self._total(trainer) or '?'} updates "
+                  f"(a line every {self.every_n_updates})", flush=True)
+
+    @staticmethod
+    def _total(trainer: Trainer) -> int | None:
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return None  # optimizer steps, not updates
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
+            return None
+        return int(trainer.max_epochs * trainer.num_training_batches)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        updates = int(getattr(pl_module, "updates", trainer.global_step))
+        if updates % self.every_n_updates or not trainer.is_global_zero:
+            return
+        total = self._total(trainer)
+        parts = [f"update {updates}/{total} ({100 * updates / total:.0f}%)" if total else f"update {updates}",
+                 f"{float(getattr(pl_module, 'updates_per_sec', float('nan'))):.1f} updates/s"]
+        evaluation = next((cb.last for cb in trainer.callbacks if isinstance(cb, RolloutEvaluation) and cb.last),
+                          None)
+        if evaluation is not None:
+            score = evaluation["normalized_score"]
+            parts.append(f"eval return {evaluation['return']:.1f}"
+                         + (f" (normalised {score:.1f})" if score is not None else "")
+                         + f" at {evaluation['updates']}")
+        print(" | ".join(parts), flush=True)
+
+
+class QuietProgressBar(TQDMProgressBar):
+    """Lightning's progress bar without the logger's version number (``v_num``), which says
+    nothing about training."""
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

@@ -364,9 +364,34 @@ class OfflineIRLDataModule(LightningDataModule):
         index = torch.randperm(n, generator=gen)[: self.hparams.val_size].to(self.expert_store.device)
         return _BatchStream(None, 1, fixed={"expert": self.expert_store.take(index)})
 
-    def proposal_pairs(self, which: str) -> tuple[Tensor, Tensor]:
-        """(observations, actions) the Box proposal is fitted to: ``"expert"`` or ``"offline"``."""
-        return (self.expert_store if which == "expert" else self.offline_store).pairs()
+    # ------------------------------------------------------------------ what models ask for
+    # The named contract with the models (policies.OfflineData): nothing else of the data
+    # module is read by them. ``which``: "expert" (D_E) or "offline" (D).
+    @property
+    def offline_is_expert(self) -> bool:
+        """Whether D is D_E (no offline dataset): one set of transitions."""
+        self.load()
+        return self.offline_store is self.expert_store
+
+    def _store(self, which: str) -> TransitionStore:
+        if which not in ("expert", "offline"):
+            raise ValueError(f"which must be 'expert' or 'offline', got {which!r}")
+        self.load()
+        return self.expert_store if which == "expert" else self.offline_store
+
+    def num_transitions(self, which: str) -> int:
+        return len(self._store(which))
+
+    def pairs(self, which: str, index: Tensor | slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """(observations, actions) of D_E's or D's transitions at ``index`` (all by default)."""
+        store = self._store(which)
+        if isinstance(index, Tensor):
+            index = index.to(store.device)
+        return store.pairs(index)
+
+    def episodes(self, which: str) -> Tensor:
+        """The episode number of each transition of D_E or D, ``(N,)`` integers."""
+        return self._store(which).episode
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

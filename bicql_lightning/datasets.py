@@ -276,9 +276,15 @@ def _array_spec(space: gym.Space, what: str, dataset_id: str) -> Tuple[Tuple[int
 def _episode_plan(ids: List[str], num_episodes: Optional[int], datasets: list) -> list:
     """(dataset, episode indices) covering the first ``num_episodes`` episodes of ``ids``."""
     available = sum(d.total_episodes for d in datasets)
+    if available == 0:
+        raise DatasetError(f"{ids} hold no episodes: record some (`bicql dataset ... --overwrite`) or use "
+                           "another dataset")
     wanted = available if num_episodes is None else int(num_episodes)
-    if wanted < 1 or wanted > available:
-        raise DatasetError(f"asked for {wanted} episodes but {ids} hold {available} episodes in total")
+    if wanted < 1:
+        raise DatasetError(f"asked for {wanted} episodes of {ids}: ask for at least 1, or null for all {available}")
+    if wanted > available:
+        raise DatasetError(f"asked for {wanted} episodes but {ids} hold {available} episodes in total: ask for at "
+                           f"most {available}, or null for all of them")
     plan, left = [], wanted
     for d in datasets:
         plan.append((d, d.episode_indices[: min(left, d.total_episodes)]))

@@ -42,7 +42,8 @@ from torch import Tensor
 
 from . import losses
 from .base import OfflineModule
-from .bc import Batch, GaussianPolicy, frozen
+from .bc import Batch, frozen
+from .densities import GaussianPolicy
 from .losses import Metrics
 from .distributed import full_precision
 from .networks import QEnsemble

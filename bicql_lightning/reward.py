@@ -29,11 +29,14 @@ class CheckpointError(ValueError):
 def read_checkpoint(path: str | os.PathLike, expected_model: str | None = None) -> dict[str, Any]:
     """Load a checkpoint file and check that it was written by a bicql-lightning module."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"Checkpoint {os.fspath(path)!r} does not exist.")
+        raise CheckpointError(f"Checkpoint {os.fspath(path)!r} does not exist: check the path (`--ckpt_path last` "
+                              "resumes a run's own last checkpoint, or starts one where there is none).")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise CheckpointError(f"Cannot read checkpoint {os.fspath(path)!r}: {err}") from err
+        raise CheckpointError(f"Checkpoint {os.fspath(path)!r} cannot be read: it is truncated or not a checkpoint "
+                              f"({type(err).__name__}: {err}). Use an earlier checkpoint of the run (writes are "
+                              "atomic, so the previous last.ckpt is whole).") from err
     check_checkpoint_model(checkpoint, expected_model, os.fspath(path))
     return checkpoint
 

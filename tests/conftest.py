@@ -8,6 +8,9 @@ and a rollout evaluation takes milliseconds.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,3 +86,11 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def bicql(args, env=None, cwd=None, timeout=180) -> subprocess.CompletedProcess:
+    """The ``bicql`` command as a user runs it, in a new process (its output captured)."""
+    script = Path(sys.executable).with_name("bicql")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "bicql_lightning.cli"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd + list(args), env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout)

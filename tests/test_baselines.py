@@ -23,7 +23,7 @@ from bicql_lightning import (
     RolloutEvaluation,
     TargetNetworkUpdate,
 )
-from bicql_lightning import bc, iqlearn
+from bicql_lightning import bc, densities, iqlearn
 
 DISCRETE = dict(obs_kind="box", obs_dim=4, action_kind="discrete", action_dim=3, action_low=[], action_high=[])
 BOX = dict(obs_kind="box", obs_dim=5, action_kind="box", action_dim=2, action_low=[-2.0, -1.0], action_high=[2.0, 1.0])
@@ -72,20 +72,20 @@ def test_categorical_bc_loss_is_the_cross_entropy():
 def test_clipped_gaussian_likelihood_is_a_density_inside_and_the_clipped_mass_on_the_faces():
     mean, log_std = torch.zeros(3), torch.zeros(3)
     unit = torch.tensor([0.5, 1.0, -1.0])
-    got = bc.clipped_gaussian_log_prob(mean, log_std, unit)
+    got = densities.clipped_gaussian_log_prob(mean, log_std, unit)
     # inside: -0.5 * 0.25 - log sqrt(2 pi); faces: log Phi(-1) = log 0.15865525 each
     assert got.tolist() == pytest.approx([-0.125 - LOG_2PI_HALF, math.log(0.15865525), math.log(0.15865525)],
                                          abs=1e-6)
     # mu = 0.5, sigma = e^-1: upper face mass Phi((0.5 - 1) e) = Phi(-1.35914)
-    got = bc.clipped_gaussian_log_prob(torch.tensor([0.5]), torch.tensor([-1.0]), torch.tensor([1.0]))
+    got = densities.clipped_gaussian_log_prob(torch.tensor([0.5]), torch.tensor([-1.0]), torch.tensor([1.0]))
     assert got.item() == pytest.approx(math.log(0.5 * math.erfc(1.35914091 / math.sqrt(2))), abs=1e-5)
 
 
 def test_clipped_gaussian_likelihood_integrates_to_one_over_the_box_and_its_faces():
     mean, log_std = torch.tensor([0.7]), torch.tensor([-0.3])
     grid = torch.linspace(-1 + 1e-5, 1 - 1e-5, 200_001)
-    inside = bc.clipped_gaussian_log_prob(mean.expand_as(grid), log_std.expand_as(grid), grid).exp()
-    faces = bc.clipped_gaussian_log_prob(mean.expand(2), log_std.expand(2), torch.tensor([-1.0, 1.0])).exp()
+    inside = densities.clipped_gaussian_log_prob(mean.expand_as(grid), log_std.expand_as(grid), grid).exp()
+    faces = densities.clipped_gaussian_log_prob(mean.expand(2), log_std.expand(2), torch.tensor([-1.0, 1.0])).exp()
     assert (torch.trapezoid(inside, grid) + faces.sum()).item() == pytest.approx(1.0, abs=1e-4)
 
 
@@ -93,25 +93,25 @@ def test_gaussian_bc_loss_converts_densities_to_environment_units_but_not_face_m
     mean, log_std = torch.zeros(1, 2), torch.zeros(1, 2)
     unit = torch.tensor([[0.5, 1.0]])
     log_half = torch.log(torch.tensor([2.0, 3.0]))
-    loss, metrics = bc.gaussian_bc_loss(mean, log_std, unit, log_half, "clipped")
+    loss, metrics = densities.gaussian_bc_loss(mean, log_std, unit, log_half, "clipped")
     expected = -((-0.125 - LOG_2PI_HALF - math.log(2.0)) + math.log(0.15865525))
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert metrics["bc/at_bound"].item() == pytest.approx(0.5)
     assert metrics["bc/mse"].item() == pytest.approx(0.25 + 1.0)  # greedy clip(0) = 0
     # tanh: atanh(0.5) = 0.54930614, log N = -0.15086873 - log sqrt(2 pi), log(1 - 0.25) = -0.28768207
-    loss, _ = bc.gaussian_bc_loss(mean[:, :1], log_std[:, :1], unit[:, :1], log_half[:1], "tanh")
+    loss, _ = densities.gaussian_bc_loss(mean[:, :1], log_std[:, :1], unit[:, :1], log_half[:1], "tanh")
     assert loss.item() == pytest.approx(-(-0.15086873 - LOG_2PI_HALF + 0.28768207 - math.log(2.0)), abs=1e-6)
 
 
 def test_tanh_log_jacobian_is_stable_and_exact():
     u = torch.tensor([-3.0, 0.0, 0.4, 2.0], dtype=torch.float64)
-    assert torch.allclose(bc.tanh_log_jacobian(u), torch.log(1 - torch.tanh(u) ** 2))
-    assert torch.isfinite(bc.tanh_log_jacobian(torch.tensor([50.0, -50.0]))).all()
+    assert torch.allclose(densities.tanh_log_jacobian(u), torch.log(1 - torch.tanh(u) ** 2))
+    assert torch.isfinite(densities.tanh_log_jacobian(torch.tensor([50.0, -50.0]))).all()
 
 
 def test_tanh_policy_samples_carry_their_own_log_density():
     torch.manual_seed(0)
-    policy = bc.GaussianPolicy(BOX, [16], "tanh")
+    policy = densities.GaussianPolicy(BOX, [16], "tanh")
     obs = torch.randn(6, 5)
     actions, log_prob = policy.rsample(obs, torch.randn(6, 1, 2) * 0.5)
     assert actions.shape == (6, 1, 2) and log_prob.shape == (6, 1)

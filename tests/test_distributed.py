@@ -80,7 +80,7 @@ def config(env: str, ids: tuple[str, str], out: Path, devices: int) -> dict:
             ],
         },
         "model": {"hidden_sizes": [32, 32], "reward_hidden_sizes": [32, 32], "proposal_hidden_sizes": [32, 32],
-                  "proposal_fit_steps": 20, "num_action_samples": 4, "num_act_candidates": 8, "cql_data": "both",
+                  "proposal_fit_steps": 20, "num_action_samples": 4, "policy": {"init_args": {"num_candidates": 8, "hidden_sizes": [16], "fit_steps": 20}}, "cql_data": "both",
                   "q_updates": 2, "reward_updates": 1, "q_lr": 1e-3, "reward_lr": 1e-3},
         "data": {"expert_dataset": ids[0], "offline_dataset": ids[1], "batch_size": 32, "expert_batch_size": 16,
                  "batches_per_epoch": UPDATES, "val_size": 64, "seed": 0},
@@ -256,7 +256,7 @@ def test_bf16_mixed_precision_trains_without_dtype_errors(tiny, tmp_path, env):
     L.seed_everything(0, verbose=False)
     dm = OfflineIRLDataModule(*tiny.ids(env), batch_size=32, batches_per_epoch=4, val_size=64)
     model = BiCQLML(hidden_sizes=[32, 32], reward_hidden_sizes=[32, 32], proposal_hidden_sizes=[32, 32],
-                    proposal_fit_steps=10, num_action_samples=4, num_act_candidates=8)
+                    proposal_fit_steps=10, num_action_samples=4, policy={"init_args": {"num_candidates": 8, "hidden_sizes": [16], "fit_steps": 20}})
     trainer = L.Trainer(max_epochs=1, precision="bf16-mixed", accelerator="cpu", devices=1, logger=False,
                         log_every_n_steps=2, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)

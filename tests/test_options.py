@@ -1,5 +1,6 @@
-"""The paper's open questions as options: adaptive conservatism (cql_target_gap),
-spectral-norm projection of the Q and reward networks, and the reward-target ablation."""
+"""The paper's open questions as experimental options (bench.variants.BiCQLMLVariant):
+adaptive conservatism (cql_target_gap), spectral-norm projection of the Q and reward
+networks, and the reward-target ablation."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from bicql_lightning import BiCQLML, OfflineIRLDataModule, losses
-from bicql_lightning import module as module_lib
+from bench import variants as module_lib
+from bench.variants import BiCQLMLVariant
+from bicql_lightning import OfflineIRLDataModule, losses
 from bicql_lightning.networks import EnsembleLinear, clip_spectral_norm_
 from test_module import BOX, TABULAR, make_batch
 
 TINY = dict(hidden_sizes=[16, 16], reward_hidden_sizes=[16, 16], proposal_hidden_sizes=[16, 16],
-            proposal_fit_steps=5, num_action_samples=4, num_act_candidates=8, log_every_n_updates=1)
+            proposal_fit_steps=5, num_action_samples=4, log_every_n_updates=1,
+            policy={"init_args": {"num_candidates": 8, "hidden_sizes": [16], "fit_steps": 5}})
 QUIET = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
              limit_val_batches=0, num_sanity_val_steps=0, max_epochs=1)
 
@@ -62,19 +65,19 @@ def test_spectral_projection_caps_each_member_and_leaves_small_layers_alone():
 
 
 def test_defaults_add_no_state_and_the_options_are_validated():
-    model = BiCQLML(spaces=TABULAR, **{k: v for k, v in TINY.items() if "proposal" not in k})
+    model = BiCQLMLVariant(spaces=TABULAR, **{k: v for k, v in TINY.items() if "proposal" not in k})
     assert "log_alpha" not in model.state_dict()
     assert model.cql_alpha() == model.hparams.alpha
     with pytest.raises(ValueError, match="reward_target"):
-        BiCQLML(spaces=TABULAR, reward_target="advantage")
+        BiCQLMLVariant(spaces=TABULAR, reward_target="advantage")
     with pytest.raises(ValueError, match="cql_target_gap"):
-        BiCQLML(spaces=TABULAR, alpha=0.0, cql_target_gap=1.0)
+        BiCQLMLVariant(spaces=TABULAR, alpha=0.0, cql_target_gap=1.0)
 
 
 @pytest.mark.parametrize("spaces", [TABULAR, BOX], ids=["tabular", "box"])
 def test_q_reward_target_regresses_onto_min_twin_q(spaces):
     torch.manual_seed(0)
-    model = BiCQLML(spaces=spaces, reward_target="q", **TINY)
+    model = BiCQLMLVariant(spaces=spaces, reward_target="q", **TINY)
     pairs = make_batch(spaces)
     _, metrics = model.reward_objective(pairs)
     with torch.no_grad():
@@ -84,7 +87,7 @@ def test_q_reward_target_regresses_onto_min_twin_q(spaces):
 
 def test_dual_step_averages_the_gap_over_ranks(monkeypatch):
     """Under DDP every rank steps log alpha with the global gap (ranks stay identical)."""
-    model = BiCQLML(spaces=TABULAR, alpha=1.0, cql_target_gap=1.0, cql_alpha_lr=0.1)
+    model = BiCQLMLVariant(spaces=TABULAR, alpha=1.0, cql_target_gap=1.0, cql_alpha_lr=0.1)
     monkeypatch.setattr(model, "_world", lambda: (2, 0))
     reduced = []
 
@@ -94,7 +97,7 @@ def test_dual_step_averages_the_gap_over_ranks(monkeypatch):
 
     monkeypatch.setattr(module_lib, "all_reduce_mean_", fake_all_reduce_mean_)
     monkeypatch.setattr(module_lib, "is_distributed", lambda world_size: world_size > 1)
-    model._dual_step(torch.tensor(1.0))
+    model.after_q_updates({"cql/gap": torch.tensor(1.0)})
     assert reduced == [2]
     assert model.log_alpha.item() == pytest.approx(0.1 * 0.5)  # lr (gap - tau) with the global gap
 
@@ -112,7 +115,7 @@ def test_adaptive_alpha_trains_logs_and_is_checkpointed(tiny, tmp_path):
     dm = OfflineIRLDataModule(tiny.cartpole_expert, tiny.cartpole_mixed, batch_size=32, batches_per_epoch=6,
                               val_size=16, seed=0)
     # A target gap below any reachable one: alpha rises at every step.
-    model = BiCQLML(cql_target_gap=-1.0, cql_alpha_lr=0.05, alpha=1.0, **TINY)
+    model = BiCQLMLVariant(cql_target_gap=-1.0, cql_alpha_lr=0.05, alpha=1.0, **TINY)
     record = Record()
     trainer = L.Trainer(**QUIET, logger=False, default_root_dir=tmp_path, callbacks=[record])
     trainer.fit(model, dm)
@@ -120,14 +123,14 @@ def test_adaptive_alpha_trains_logs_and_is_checkpointed(tiny, tmp_path):
     assert record.logged["cql/alpha"].item() == pytest.approx(math.exp(record.alphas[-2]), rel=1e-5)
     path = tmp_path / "adaptive.ckpt"
     trainer.save_checkpoint(path)
-    restored = BiCQLML.load_from_checkpoint(path)
+    restored = BiCQLMLVariant.load_from_checkpoint(path)
     assert restored.log_alpha.item() == model.log_alpha.item() == pytest.approx(record.alphas[-1])
 
 
 @pytest.mark.parametrize("env", ["cartpole", "pendulum"])
 def test_spectral_norm_keeps_hidden_layers_inside_the_unit_ball_while_training(tiny, env):
     dm = OfflineIRLDataModule(*tiny.ids(env), batch_size=32, batches_per_epoch=5, val_size=16, seed=0)
-    model = BiCQLML(spectral_norm=True, reward_spectral_norm=True, q_lr=0.05, reward_lr=0.05, **TINY)
+    model = BiCQLMLVariant(spectral_norm=True, reward_spectral_norm=True, q_lr=0.05, reward_lr=0.05, **TINY)
     L.Trainer(**QUIET, logger=False, enable_checkpointing=False).fit(model, dm)
     for net in (model.q_net, model.target_q_net):
         for group in net.hidden_weight_groups():

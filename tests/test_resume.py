@@ -56,7 +56,7 @@ def config(root: Path, kill_at: int | None) -> dict:
                     "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 2,
                     "default_root_dir": str(root), "callbacks": callbacks},
         "model": {"hidden_sizes": [32, 32], "reward_hidden_sizes": [32, 32], "proposal_hidden_sizes": [32, 32],
-                  "proposal_fit_steps": 20, "num_action_samples": 4, "num_act_candidates": 8, "q_lr": 1e-3,
+                  "proposal_fit_steps": 20, "num_action_samples": 4, "policy": {"init_args": {"num_candidates": 8, "hidden_sizes": [16], "fit_steps": 20}}, "q_lr": 1e-3,
                   "reward_lr": 1e-3},
         "data": {"expert_dataset": "tiny/pendulum/expert-v0", "offline_dataset": "tiny/pendulum/mixed-v0",
                  "batch_size": 32, "batches_per_epoch": UPDATES_PER_EPOCH, "val_size": 64, "seed": 0},

@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from conftest import bicql
 from bicql_lightning import (
     BiCQLML,
     CheckpointError,
@@ -43,7 +44,8 @@ from bicql_lightning import (
 REPO = Path(__file__).resolve().parents[1]
 UPDATES = 20
 TINY_MODEL = dict(hidden_sizes=[32, 32], reward_hidden_sizes=[32, 32], proposal_hidden_sizes=[32, 32],
-                  proposal_fit_steps=20, num_action_samples=4, num_act_candidates=8, updates_per_sec_every=5)
+                  proposal_fit_steps=20, num_action_samples=4, updates_per_sec_every=5,
+                  policy={"init_args": {"num_candidates": 8, "hidden_sizes": [32, 32], "fit_steps": 300, "lr": 1e-3}})
 LOGGED = ("q/td_loss", "cql/gap", "cql/q_data", "cql/q_ood", "reward/loss", "reward/mean", "reward/std",
           "train/updates_per_sec")
 QUIET = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False)
@@ -223,67 +225,31 @@ def test_greedy_action_is_a_function_of_the_observation(fitted):
     np.testing.assert_array_equal(model.act(obs, deterministic=True), first)
 
 
-def test_clipped_gaussian_act_prior_is_fitted_once_and_travels_with_the_checkpoint(tiny, tmp_path):
-    kwargs = dict(act_policy="proposal_weighted", act_prior="clipped_gaussian", act_prior_fit_steps=300,
-                  act_prior_lr=1e-3)
-    model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path / "a", model_kwargs=kwargs)
-    assert bool(model.behavior_prior_fitted) and not any(p.requires_grad for p in model.behavior_prior.parameters())
-    # Fitted to the expert pairs: its greedy action is nearer the demonstrations' actions
-    # than a fresh network's.
-    obs, actions = dm.proposal_pairs("expert")
-    fresh = BiCQLML(**{**TINY_MODEL, **kwargs}, spaces=dm.spaces)
+def test_the_default_controllers_prior_is_fitted_once_and_travels_with_the_checkpoint(tiny, tmp_path):
+    model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path / "a")
+    prior = model.policy.prior
+    assert bool(model.policy.fitted) and not any(p.requires_grad for p in prior.parameters())
+    # Fitted to the expert pairs: it explains the demonstrations' actions far better than a
+    # fresh network (measured: NLL -0.82 against 2.29 nats).
+    obs, actions = dm.pairs("expert")
+    fresh = BiCQLML(**TINY_MODEL, spaces=dm.spaces)
     fresh.encoder.load_state_dict(model.encoder.state_dict())
     with torch.no_grad():
-        err = (model.behavior_prior.mode(model.encoder(obs)) - actions).abs().mean()
-        err_fresh = (fresh.behavior_prior.mode(fresh.encoder(obs)) - actions).abs().mean()
-    assert err < 0.7 * err_fresh
+        nll = prior.loss(model.encoder(obs), actions)[0]
+        nll_fresh = fresh.policy.prior.loss(fresh.encoder(obs), actions)[0]
+    assert nll < nll_fresh - 1.0
 
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
     loaded = BiCQLML.load_from_checkpoint(path)
-    raw = dm.expert_store.tensors["obs"][:32].numpy()
+    raw = obs[:32].numpy()
     np.testing.assert_array_equal(loaded.act(raw), model.act(raw))
     # Resuming trains on; the prior is not fitted again.
-    prior = [p.clone() for p in model.behavior_prior.parameters()]
-    resumed, _, _ = tiny_fit(tiny.ids("pendulum"), tmp_path / "b", max_epochs=2, model_kwargs=kwargs, ckpt_path=path)
+    weights = [p.clone() for p in prior.parameters()]
+    resumed, _, _ = tiny_fit(tiny.ids("pendulum"), tmp_path / "b", max_epochs=2, ckpt_path=path)
     assert resumed.updates == 2 * UPDATES
-    for a, b in zip(prior, resumed.behavior_prior.parameters()):
+    for a, b in zip(weights, resumed.policy.prior.parameters()):
         assert torch.equal(a, b)
-
-
-def test_act_prior_data_both_fits_a_prior_to_d_where_d_holds_more_than_d_e(tiny, tmp_path):
-    kwargs = dict(act_policy="proposal_weighted", act_prior="clipped_gaussian", act_prior_data="both",
-                  act_prior_fit_steps=300, act_prior_lr=1e-3)
-    model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path / "a", model_kwargs=kwargs)
-    assert bool(model.offline_prior_fitted) and bool(model.offline_prior_used)
-
-    def fit_error(prior, which):
-        obs, actions = dm.proposal_pairs(which)
-        with torch.no_grad():
-            return float((prior.mode(model.encoder(obs)) - actions).abs().mean())
-    # The first prior clones D_E, the second D (random episodes as well): each fits its own
-    # data better than the other one does.
-    assert fit_error(model.behavior_prior, "expert") < 0.9 * fit_error(model.offline_prior, "expert")
-    assert fit_error(model.offline_prior, "offline") < 0.9 * fit_error(model.behavior_prior, "offline")
-    obs, _ = dm.proposal_pairs("offline")
-    with torch.no_grad():  # and D's random actions make the second prior the wider one
-        spread = [prior(model.encoder(obs))[1].exp().mean() for prior in (model.behavior_prior, model.offline_prior)]
-    assert spread[1] > 1.5 * spread[0]
-    path = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(path)
-    loaded = BiCQLML.load_from_checkpoint(path)
-    assert bool(loaded.offline_prior_used)
-    raw = dm.offline_store.tensors["obs"][:32].numpy()
-    np.testing.assert_array_equal(loaded.act(raw), model.act(raw))
-
-    # Where D is D_E there is one prior: the second is neither fitted nor used.
-    only, _, _ = tiny_fit((tiny.pendulum_expert, None), tmp_path / "b", model_kwargs=kwargs)
-    assert bool(only.offline_prior_fitted) and not bool(only.offline_prior_used)
-    before = only.act(raw)
-    with torch.no_grad():
-        for p in only.offline_prior.parameters():
-            p.add_(1.0)
-    np.testing.assert_array_equal(only.act(raw), before)
 
 
 def pendulum_reward(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -292,44 +258,43 @@ def pendulum_reward(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     return -(theta.pow(2) + 0.1 * obs[:, 2].pow(2) + 0.001 * actions[:, 0].pow(2))
 
 
-def test_expert_like_prior_is_fitted_after_training_to_the_episodes_the_reward_ranks_expert_like(
+def test_after_training_the_prior_is_refitted_to_the_episodes_the_reward_ranks_expert_like(
         tiny, tmp_path, monkeypatch):
-    kwargs = dict(act_policy="proposal_weighted", act_prior="clipped_gaussian", act_prior_data="both",
-                  act_prior_fit_steps=300, act_prior_lr=1e-3)
-    unfiltered, dm, _ = tiny_fit(tiny.ids("pendulum"), tmp_path / "a", model_kwargs=kwargs)
+    unfiltered, dm, _ = tiny_fit(tiny.ids("pendulum"), tmp_path / "a",
+                                 model_kwargs={"policy": {"init_args": {**TINY_MODEL["policy"]["init_args"],
+                                                                        "relabel": False}}})
     # The environment's reward stands in for a learned one that ranks the episodes well.
     monkeypatch.setattr(BiCQLML, "learned_rewards", lambda self, obs, actions: pendulum_reward(obs, actions))
 
-    class Used(Callback):
-        def on_train_epoch_end(self, trainer, pl_module):  # runs before the module's hook
-            self.used = getattr(self, "used", []) + [bool(pl_module.offline_prior_used)]
-    used = Used()
-    model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path / "b", max_epochs=2, callbacks=[used],
-                                  model_kwargs={**kwargs, "act_prior_data": "expert_like"})
-    assert used.used == [False, False]  # fitted neither before training nor after the first epoch
-    assert bool(model.offline_prior_used)
+    class Relabeled(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):  # before FitPolicy's (configured ones come first)
+            self.seen = getattr(self, "seen", []) + [bool(pl_module.policy.relabeled)]
+    seen = Relabeled()
+    evaluation = RolloutEvaluation(every_n_updates=UPDATES, episodes=1)
+    model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path / "b", max_epochs=2, callbacks=[seen, evaluation])
+    assert seen.seen == [False, False]  # refitted neither before training nor after the first epoch
+    assert bool(model.policy.relabeled) and model.policy.revision == 1
+    # The last update's evaluation came before the refit: the final one was run again after it.
+    assert evaluation.last["policy_revision"] == 1 and evaluation.last["updates"] == 2 * UPDATES
     # D = 3 random episodes + the 2 expert ones: the expert ones are the episodes kept.
-    obs, actions = dm.proposal_pairs("offline")
-    episode = dm.offline_store.episode
-    expert_rows = episode >= 3
-    assert float(trainer.callback_metrics["train/offline_prior_kept"]) == pytest.approx(
-        float(expert_rows.float().mean()))
-
-    with torch.no_grad():  # negative log-likelihood of the demonstrations' actions (clipped to the bounds)
+    obs, actions = dm.pairs("offline")
+    expert_rows = dm.episodes("offline") >= 3
+    assert float(trainer.callback_metrics["policy/relabeled_share"]) == pytest.approx(float(expert_rows.float().mean()))
+    with torch.no_grad():  # negative log-likelihood of the demonstrations' actions
         nll = [float(prior.loss(model.encoder(obs[expert_rows]), actions[expert_rows])[0])
-               for prior in (model.offline_prior, unfiltered.offline_prior, model.behavior_prior)]
-    # So D's prior now explains the demonstrations about as D_E's own prior does, and far
-    # better than a clone of all of D.
-    assert nll[0] < nll[1] - 0.5 and nll[0] < nll[2] + 0.2
+               for prior in (model.policy.relabeled_prior, model.policy.prior)]
+    # D's expert-like episodes' prior explains the demonstrations about as D_E's own prior does.
+    assert nll[0] < nll[1] + 0.2
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
     loaded = BiCQLML.load_from_checkpoint(path)
+    assert loaded.policy.revision == 1 and bool(loaded.policy.relabeled)
     raw = obs[:32].numpy()
     np.testing.assert_array_equal(loaded.act(raw), model.act(raw))
     # Where D is D_E nothing is refitted: D_E's prior stays the one acting.
-    only, _, _ = tiny_fit((tiny.pendulum_expert, None), tmp_path / "c", model_kwargs={**kwargs,
-                                                                                      "act_prior_data": "expert_like"})
-    assert not bool(only.offline_prior_used) and not bool(only.offline_prior_fitted)
+    only, _, _ = tiny_fit((tiny.pendulum_expert, None), tmp_path / "c")
+    assert not bool(only.policy.relabeled) and only.policy.revision == 0
+    assert not bool(unfiltered.policy.relabeled)  # relabel=False keeps D_E's prior
 
 
 def test_reward_net_from_checkpoint_scores_raw_observations_like_the_model(fitted, tmp_path):
@@ -381,7 +346,7 @@ LOADERS = {"BiCQLML.load_from_checkpoint": BiCQLML.load_from_checkpoint,
 @pytest.mark.parametrize(("name", "message"), [
     ("plain_lightning.ckpt", "was not written by a bicql-lightning model"),
     ("random_dict.pt", "was not written by a bicql-lightning model"),
-    ("notes.txt", "Cannot read checkpoint"),
+    ("notes.txt", "cannot be read"),
     ("missing.ckpt", "does not exist"),
 ])
 def test_loading_a_foreign_or_missing_checkpoint_raises_checkpoint_error(foreign_checkpoints, loader, name,
@@ -442,13 +407,6 @@ def test_rollout_evaluation_reports_normalised_score_and_writes_summary(tiny, tm
 
 
 # ----------------------------------------------------------------------------- command line
-def bicql(args, env=None, cwd=None, timeout=180):
-    script = Path(sys.executable).with_name("bicql")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "bicql_lightning.cli"]
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd + list(args), env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
 TINY_CONFIG = """\
 trainer:
   max_epochs: 1
@@ -473,7 +431,7 @@ def test_cli_fit_quickstart_config_made_tiny_trains_and_prints_the_summary(tiny,
     run = bicql(["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--config", "tiny.yaml",
                  "--data.expert_dataset", tiny.cartpole_expert, "--data.offline_dataset", tiny.cartpole_mixed,
                  "--data.batch_size", "32", "--data.batches_per_epoch", str(UPDATES), "--data.val_size", "64",
-                 "--trainer.default_root_dir", str(tmp_path / "run")],
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "run")],
                 env={"MINARI_DATASETS_PATH": str(tiny.root)}, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     found = re.search(r"learned controller return: (-?[\d.]+) ± [\d.]+\n\s+expert return:\s+([\d.]+)\n"
@@ -483,7 +441,7 @@ def test_cli_fit_quickstart_config_made_tiny_trains_and_prints_the_summary(tiny,
     assert (expert, random_) == (60.0, 27.1)
     assert score == pytest.approx(100 * (ret - random_) / (expert - random_), abs=0.06)
 
-    version = tmp_path / "run" / "lightning_logs" / "version_0"
+    version = tmp_path / "run" / "quickstart" / "version_0"  # the config's logger: no nested directories
     checkpoints = sorted((version / "checkpoints").glob("*.ckpt"))
     assert [c.name for c in checkpoints] == [f"epoch=0-step={2 * UPDATES}.ckpt"]
     assert BiCQLML.load_from_checkpoint(checkpoints[0]).updates == UPDATES
@@ -535,7 +493,7 @@ def test_cli_refuses_an_optimizer_option_at_parse_time(tiny, tmp_path):
     run = bicql(["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--config", "tiny.yaml",
                  "--data.expert_dataset", tiny.cartpole_expert, "--data.offline_dataset", tiny.cartpole_mixed,
                  "--data.batches_per_epoch", "2", "--optimizer", "Adam",
-                 "--trainer.default_root_dir", str(tmp_path / "run")],
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "run")],
                 env={"MINARI_DATASETS_PATH": str(tiny.root)}, cwd=tmp_path)
     assert run.returncode != 0
     assert "Traceback" not in run.stderr, run.stderr[-1500:]

@@ -1,0 +1,342 @@
+r"""Acting: how a controller draws actions from a learned Q.
+
+No policy is optimised in BiCQL-ML's loop; a *policy* here is a rule that turns the trained
+Q (and, for Box actions, a density of candidate actions) into actions. Every policy has one
+method users call, ``act(obs, deterministic=True)``: batched, and each observation's action
+is a function of that observation alone (greedy candidates come from one fixed set of
+random numbers shared by every row, never from the batch's position).
+
+* :class:`BoltzmannPolicy`: the paper's :math:`\pi(a|s)\propto\exp(Q(s,a)/T)`. Discrete:
+  the argmax of Q (greedy) or a softmax draw. Box: over the mode of the training proposal
+  and ``num_candidates`` draws from it; the best by Q (greedy) or importance resampling.
+* :class:`TiltedPriorPolicy`, the default: :math:`\pi(a|s)\propto p(a|s)\exp(Q(s,a)/T)`
+  with :math:`p` a clipped Gaussian fitted to the demonstrations (:func:`fit`), and, where
+  the offline data holds more than them, refitted after training to the episodes of D that
+  the learned reward ranks as expert-like (:func:`refit`; :func:`expert_like_episodes`).
+  Candidates are :math:`p`'s mode and draws from :math:`p`; greedy acting takes the best
+  by :math:`Q/T + \log p`. On Discrete actions it acts as the Boltzmann policy.
+
+A module holds its policy as a submodule (its fitted densities travel in checkpoints) and
+chooses it with one argument, ``policy={"class_path": ..., "init_args": {...}}``
+(:func:`make_policy`). The :class:`~bicql_lightning.FitPolicy` callback calls ``fit``
+before training and ``refit`` after the last epoch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .densities import ActionProposal, GaussianPolicy, fit_density
+from .networks import ObservationEncoder, QEnsemble
+from .spaces import SpaceSpec
+
+DEFAULT_POLICY = "bicql_lightning.TiltedPriorPolicy"
+# Seed of the fixed candidate noise of greedy acting: part of what defines the controller.
+GREEDY_NOISE_SEED = 0
+
+
+class OfflineData(Protocol):
+    """What a policy (and a model) may ask of its data: :class:`~bicql_lightning.OfflineIRLDataModule`
+    provides it. ``which`` is ``"expert"`` (D_E) or ``"offline"`` (D)."""
+
+    @property
+    def offline_is_expert(self) -> bool: ...  # D is D_E: one set of transitions
+
+    def num_transitions(self, which: str) -> int: ...
+
+    def pairs(self, which: str, index: Tensor | slice = slice(None)) -> tuple[Tensor, Tensor]: ...
+
+    def episodes(self, which: str) -> Tensor: ...  # episode id (int) of each transition
+
+
+def batch_observations(obs: np.ndarray | Tensor, obs_kind: str, device: torch.device) -> tuple[Tensor, bool]:
+    """Raw observation(s) as a batched tensor on ``device``, and whether one came unbatched."""
+    single_dims = 0 if obs_kind == "discrete" else 1
+    obs_t = torch.as_tensor(np.asarray(obs) if not isinstance(obs, Tensor) else obs, device=device)
+    single = obs_t.dim() == single_dims
+    return (obs_t.unsqueeze(0) if single else obs_t), single
+
+
+def expert_like_episodes(reward: Tensor, episode: Tensor, expert_level: Tensor | float, fraction: float) -> Tensor:
+    r"""Which transitions ``(N,)`` of D belong to episodes the learned reward ranks as expert-like.
+
+    An episode is kept when its mean learned reward per transition :math:`\bar r_k` reaches
+    :math:`\bar r_D + f(\bar r_E - \bar r_D)`, with :math:`\bar r_D` the mean over D's
+    transitions, :math:`\bar r_E` = ``expert_level`` (the mean over D_E's) and :math:`f` =
+    ``fraction``. A per-transition mean, so that episodes of any length compare; the episode
+    with the highest mean is always kept. ``reward`` ``(N,)``, ``episode`` ``(N,)`` integer ids.
+    """
+    reward = reward.double()
+    episode = episode.long().to(reward.device)
+    num = int(episode.max()) + 1
+    sums = torch.zeros(num, dtype=torch.float64, device=reward.device).index_add_(0, episode, reward)
+    counts = torch.bincount(episode, minlength=num)
+    means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, -torch.inf))  # (K,)
+    level = reward.mean()
+    keep = means >= level + fraction * (torch.as_tensor(expert_level, dtype=torch.float64) - level)
+    keep[means.argmax()] = True
+    return keep[episode]
+
+
+class QPolicy(nn.Module):
+    """A controller read off a Q ensemble: the base of every acting rule of BiCQL-ML.
+
+    Built by the module that owns it (:meth:`build`), which hands over its Q networks, its
+    observation encoder and, for Box actions, its training proposal. Those are referenced,
+    not owned: they stay the module's parameters (and checkpoint entries); the policy owns
+    only what it fits itself. ``revision`` counts refits, so an evaluation can tell that the
+    controller changed although the weights of Q did not.
+    """
+
+    def __init__(self, temperature: float | None = None, num_candidates: int = 64):
+        super().__init__()
+        if temperature is not None and temperature <= 0:
+            raise ValueError(f"policy temperature must be positive (or null: the training temperature), got "
+                             f"{temperature}")
+        if num_candidates < 1:
+            raise ValueError(f"policy num_candidates must be at least 1, got {num_candidates}")
+        self.temperature = temperature
+        self.num_candidates = num_candidates
+        self.revision = 0
+        self._refs: tuple[QEnsemble, ObservationEncoder, ActionProposal | None] | None = None
+
+    @classmethod
+    def config(cls, **init_args: Any) -> dict[str, Any]:
+        """The ``policy`` argument naming this class: ``BiCQLML(policy=BoltzmannPolicy.config(temperature=2))``."""
+        return {"class_path": f"bicql_lightning.{cls.__name__}" if cls.__module__.startswith("bicql_lightning")
+                else f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}
+
+    def build(self, spaces: SpaceSpec, q_net: QEnsemble, encoder: ObservationEncoder,
+              proposal: ActionProposal | None, training_temperature: float) -> None:
+        self.spaces = spaces
+        self.discrete = spaces["action_kind"] == "discrete"
+        self._refs = (q_net, encoder, proposal)
+        if self.temperature is None:
+            self.temperature = float(training_temperature)
+
+    @property
+    def q_net(self) -> QEnsemble:
+        return self._built()[0]
+
+    @property
+    def encoder(self) -> ObservationEncoder:
+        return self._built()[1]
+
+    @property
+    def proposal(self) -> ActionProposal | None:
+        return self._built()[2]
+
+    def _built(self):
+        if self._refs is None:
+            raise RuntimeError(f"{type(self).__name__} acts once a model has built it (model.policy)")
+        return self._refs
+
+    # ------------------------------------------------------------------ what users call
+    @torch.no_grad()
+    def act(self, obs: np.ndarray | Tensor, deterministic: bool = True) -> np.ndarray:
+        """Action(s) for raw observation(s), one or a batch: greedy (``deterministic``) or drawn."""
+        device = next(self.q_net.parameters()).device
+        obs_t, single = batch_observations(obs, self.spaces["obs_kind"], device)
+        out = self.actions(self.encoder(obs_t), deterministic).cpu().numpy()
+        return out[0] if single else out
+
+    def actions(self, enc: Tensor, deterministic: bool) -> Tensor:
+        """Actions ``(B, ...)`` for encoded observations ``(B, D)``."""
+        q_all = self.q_net(enc).min(0).values  # Discrete: (B, A)
+        if deterministic:
+            return q_all.argmax(1)
+        return torch.distributions.Categorical(logits=q_all / self.temperature).sample()
+
+    # ------------------------------------------------------------------ fitting (FitPolicy)
+    @property
+    def needs_fit(self) -> bool:
+        """Whether :meth:`fit` has work left (a fresh policy; never after a checkpoint that holds it)."""
+        return False
+
+    def fit(self, data: OfflineData, generator: torch.Generator) -> None:
+        """Fit what the policy needs from data, before training."""
+
+    def refit(self, data: OfflineData, reward: Any, generator: torch.Generator) -> dict[str, float]:
+        """Refit after training with the final learned ``reward(obs, actions) -> (N,)``; returns
+        metrics to log. Increments ``revision`` when the controller changed."""
+        return {}
+
+    # ------------------------------------------------------------------ candidates
+    def _noise(self, rows: int, shape: tuple[int, ...], deterministic: bool, device: torch.device) -> Tensor:
+        """Standard normals ``(1 or rows, *shape)``: one fixed set shared by every state when greedy."""
+        if deterministic:
+            gen = torch.Generator(device=device).manual_seed(GREEDY_NOISE_SEED)
+            return torch.randn((1, *shape), generator=gen, device=device)
+        return torch.randn((rows, *shape), device=device)
+
+    def _pick(self, enc: Tensor, cands: Tensor, log_prior: Tensor, log_draw: Tensor,
+              deterministic: bool) -> Tensor:
+        """The candidate ``(B, 1+K, A)`` with the highest :math:`Q/T + \\log` prior (greedy), or one
+        resampled with weights :math:`\\exp(Q/T)\\,\\text{prior}/\\text{draw}`: ``(B, A)``."""
+        q = self.q_net(enc, cands).min(0).values  # (B, 1+K)
+        logits = q / self.temperature + log_prior
+        if deterministic:
+            pick = logits.argmax(1)
+        else:
+            pick = torch.distributions.Categorical(logits=logits - log_draw).sample()
+        return cands[torch.arange(cands.shape[0], device=cands.device), pick]
+
+
+class BoltzmannPolicy(QPolicy):
+    r"""The paper's policy :math:`\pi(a|s)\propto\exp(Q(s,a)/T)`.
+
+    Args:
+        temperature: :math:`T`; ``None`` is the training temperature (the paper's choice).
+        num_candidates: Box actions: draws from the training proposal per state, besides its mode.
+
+    For Box actions the candidates are the proposal's mode and ``num_candidates`` draws from
+    it; greedy acting plays the best by Q, sampling resamples them by :math:`\exp(Q/T)/q`.
+    On hopper this scores about 10 normalised where :class:`TiltedPriorPolicy` scores 95-100
+    (``docs/benchmark.md``): the importance-sampled soft value rarely visits actions the
+    proposal makes unlikely, so training rarely pushes Q down there and Q overrates them.
+    """
+
+    def __init__(self, temperature: float | None = None, num_candidates: int = 64):
+        super().__init__(temperature, num_candidates)
+
+    def actions(self, enc: Tensor, deterministic: bool) -> Tensor:
+        if self.discrete:
+            return super().actions(enc, deterministic)
+        proposal = self.proposal
+        # Greedy: one fixed set of numbers for every state (rows broadcast), as _noise.
+        gen = torch.Generator(device=enc.device).manual_seed(GREEDY_NOISE_SEED) if deterministic else None
+        noise = proposal.draw_noise(1 if deterministic else enc.shape[0], self.num_candidates, gen, enc.device)
+        draws, log_draw = proposal.sample(enc, self.num_candidates, noise=noise)
+        mode = proposal.mode(enc).unsqueeze(1)
+        cands = torch.cat([mode, draws], 1)
+        log_draw = torch.cat([proposal.log_prob(enc, mode), log_draw], 1)  # what drew them
+        return self._pick(enc, cands, torch.zeros_like(log_draw), log_draw, deterministic)
+
+
+class TiltedPriorPolicy(QPolicy):
+    r"""The default controller: a clipped-Gaussian prior of the demonstrations, tilted by Q.
+
+    :math:`\pi(a|s)\propto p(a|s)\exp(Q(s,a)/T)`: greedy acting plays the best of the
+    prior's mode and ``num_candidates`` draws from it by :math:`Q/T + \log p` (the
+    KL-regularised improvement of :math:`p` with coefficient :math:`T`); sampling resamples
+    them by :math:`\exp(Q/T)`. :math:`p` is :class:`~bicql_lightning.densities.GaussianPolicy`
+    with ``"clipped"`` draws (how the benchmark's experts act), fitted by exact censored
+    maximum likelihood to D_E before training and frozen.
+
+    Args:
+        temperature: :math:`T` of acting. Tuned on hopper alone (held-out episodes, six
+            trained cells, ``bench/NOTES.md``): 4 scored above 1, 2, 3 and 8.
+        num_candidates: draws from the prior per state, besides its mode.
+        hidden_sizes: hidden widths of the prior's network.
+        fit_steps: maximum-likelihood (Adam) steps of each fit of the prior.
+        lr: learning rate of those fits.
+        relabel: where D holds more than D_E, refit the prior after training to the episodes
+            of D that the final learned reward ranks as expert-like, and act with that one:
+            the learned reward labels logged data cloning cannot (halfcheetah with mixed data:
+            98.2 against 96.6 with D_E's prior and 6.1 with all of D's; ``bench/NOTES.md``).
+        expert_like_fraction: :math:`f` of :func:`expert_like_episodes`: an episode is kept
+            when its mean learned reward per transition reaches
+            :math:`\bar r_D + f(\bar r_E - \bar r_D)`.
+
+    Discrete actions have no prior: the policy is then the Boltzmann policy of Q.
+    """
+
+    def __init__(self, temperature: float | None = 4.0, num_candidates: int = 64,
+                 hidden_sizes: list[int] = [256, 256],  # noqa: B006 - jsonargparse needs a literal
+                 fit_steps: int = 20000, lr: float = 3e-4, relabel: bool = True,
+                 expert_like_fraction: float = 0.5):
+        super().__init__(temperature, num_candidates)
+        if fit_steps < 1:
+            raise ValueError(f"policy fit_steps must be at least 1, got {fit_steps}")
+        if not np.isfinite(expert_like_fraction):
+            raise ValueError(f"policy expert_like_fraction must be a finite number, got {expert_like_fraction}")
+        self.hidden_sizes = list(hidden_sizes)
+        self.fit_steps, self.lr = fit_steps, lr
+        self.relabel, self.expert_like_fraction = relabel, expert_like_fraction
+
+    def build(self, spaces: SpaceSpec, q_net: QEnsemble, encoder: ObservationEncoder,
+              proposal: ActionProposal | None, training_temperature: float) -> None:
+        super().build(spaces, q_net, encoder, proposal, training_temperature)
+        if self.discrete:
+            return
+        self.prior = GaussianPolicy(spaces, self.hidden_sizes, "clipped").requires_grad_(False)
+        # D's expert-like episodes' prior: a network of its own, initialised now, fitted by refit.
+        self.relabeled_prior = GaussianPolicy(spaces, self.hidden_sizes, "clipped").requires_grad_(False)
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("relabeled", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def acting_prior(self) -> GaussianPolicy:
+        """The density acting tilts: D_E's fit, or after a refit that of D's expert-like episodes."""
+        return self.relabeled_prior if bool(self.relabeled) else self.prior
+
+    def actions(self, enc: Tensor, deterministic: bool) -> Tensor:
+        if self.discrete:
+            return super().actions(enc, deterministic)
+        prior = self.acting_prior
+        noise = self._noise(enc.shape[0], (self.num_candidates, prior.act_dim), deterministic, enc.device)
+        cands, log_prior = prior.candidates(enc, noise)
+        # Drawn from the prior itself (the mode too, as a point of u-space): prior / draw = 1.
+        return self._pick(enc, cands, log_prior, log_prior, deterministic)
+
+    @property
+    def needs_fit(self) -> bool:
+        return not self.discrete and not bool(self.fitted)
+
+    def _fit(self, prior: GaussianPolicy, obs: Tensor, actions: Tensor, generator: torch.Generator) -> None:
+        fit_density(prior, lambda o, a: prior.loss(o, a)[0], self.encoder, obs, actions, self.fit_steps,
+                    self.lr, generator)
+
+    def fit(self, data: OfflineData, generator: torch.Generator) -> None:
+        if not self.needs_fit:
+            return
+        self._fit(self.prior, *data.pairs("expert"), generator)
+        self.fitted.fill_(True)
+
+    def refit(self, data: OfflineData, reward: Any, generator: torch.Generator) -> dict[str, float]:
+        if self.discrete or not self.relabel or data.offline_is_expert:
+            return {}  # D is D_E: D_E's prior is already that fit
+        chunk = 1 << 14
+
+        def rewards(which: str) -> Tensor:
+            n = data.num_transitions(which)
+            return torch.cat([reward(*data.pairs(which, slice(i, i + chunk))) for i in range(0, n, chunk)])
+
+        keep = expert_like_episodes(rewards("offline"), data.episodes("offline"),
+                                    rewards("expert").double().mean(), self.expert_like_fraction)
+        index = keep.nonzero().squeeze(1)  # only the kept pairs are gathered
+        self._fit(self.relabeled_prior, *data.pairs("offline", index), generator)
+        self.relabeled.fill_(True)
+        self.revision += 1
+        return {"policy/relabeled_share": float(keep.float().mean())}
+
+
+def make_policy(spec: dict[str, Any] | None) -> QPolicy:
+    """The policy a ``policy`` argument names: ``None`` or a dict without ``class_path`` is
+    :class:`TiltedPriorPolicy`; ``class_path`` is a class name of this package or a full import path."""
+    spec = {} if spec is None else dict(spec)
+    unknown = set(spec) - {"class_path", "init_args"}
+    if unknown:
+        raise ValueError(f"policy takes 'class_path' and 'init_args', not {sorted(unknown)} "
+                         "(e.g. policy: {class_path: BoltzmannPolicy, init_args: {temperature: 1.0}})")
+    path = spec.get("class_path") or DEFAULT_POLICY
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name or "bicql_lightning"), name)
+    except (ImportError, AttributeError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, QPolicy)):
+        raise ValueError(f"policy class_path {path!r} is not a policy; use BoltzmannPolicy, TiltedPriorPolicy "
+                         "or the import path of a QPolicy subclass")
+    init_args = dict(spec.get("init_args") or {})
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    wrong = sorted(set(init_args) - set(accepted))
+    if wrong:
+        raise ValueError(f"{cls.__name__} has no argument {', '.join(map(repr, wrong))}; it takes {', '.join(accepted)}")
+    return cls(**init_args)

@@ -1,0 +1,202 @@
+"""Acting: the policies read off Q, their fits, and the one ``policy`` argument."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bicql_lightning import BiCQLML, BoltzmannPolicy, GaussianPolicy, TiltedPriorPolicy
+from bicql_lightning.policies import GREEDY_NOISE_SEED, expert_like_episodes, make_policy
+from test_module import BOX, DISCRETE, make_batch
+
+SMALL_PRIOR = {"num_candidates": 8, "hidden_sizes": [16]}
+
+
+def tilted_model(**policy_args):
+    torch.manual_seed(0)
+    return BiCQLML(spaces=BOX, hidden_sizes=[16], policy=TiltedPriorPolicy.config(**{**SMALL_PRIOR, **policy_args}))
+
+
+class FakeData:
+    """The named data contract (policies.OfflineData) over given tensors."""
+
+    def __init__(self, expert, offline=None, offline_episodes=None):
+        self.sets = {"expert": expert, "offline": offline or expert}
+        self.episode_ids = {"expert": torch.zeros(len(expert[0]), dtype=torch.int32),
+                            "offline": offline_episodes}
+        self.offline_is_expert = offline is None
+
+    def num_transitions(self, which):
+        return len(self.sets[which][0])
+
+    def pairs(self, which, index=slice(None)):
+        obs, actions = self.sets[which]
+        return obs[index], actions[index]
+
+    def episodes(self, which):
+        return self.episode_ids[which]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tilted_model(),
+    lambda: BiCQLML(spaces=BOX, hidden_sizes=[16], policy=BoltzmannPolicy.config(num_candidates=8)),
+    lambda: BiCQLML(spaces=DISCRETE, hidden_sizes=[16]),
+], ids=["tilted-box", "boltzmann-box", "discrete"])
+def test_greedy_act_is_a_function_of_each_observation_alone(make):
+    model = make()
+    obs = make_batch(model.spaces, batch_size=5)["obs"].numpy()
+    alone = np.stack([model.act(o) for o in obs])
+    np.testing.assert_allclose(model.act(obs), alone, atol=1e-5)
+    # The same observation three times, and among others, gets the same action.
+    np.testing.assert_allclose(model.act(np.stack([obs[0]] * 3)), np.stack([alone[0]] * 3), atol=1e-5)
+    np.testing.assert_allclose(model.act(obs[::-1].copy())[::-1], alone, atol=1e-5)
+
+
+def test_the_default_controller_is_the_tilted_clipped_gaussian_prior_at_temperature_four():
+    model = BiCQLML(spaces=BOX, hidden_sizes=[16])
+    assert isinstance(model.policy, TiltedPriorPolicy)
+    assert (model.policy.temperature, model.policy.num_candidates, model.policy.relabel) == (4.0, 64, True)
+    assert model.policy.prior.distribution == "clipped"
+    # The benchmark's training settings are the defaults too.
+    assert model.hparams.advantage_net == "target" and model.hparams.cql_value_with_data_action
+
+
+def test_tilted_greedy_action_is_the_best_candidate_by_q_over_t_plus_log_prior():
+    model = tilted_model(temperature=0.5)
+    obs = torch.randn(6, 5)
+    enc = model.encoder(obs)
+    noise = torch.randn((1, 8, 2), generator=torch.Generator().manual_seed(GREEDY_NOISE_SEED))
+    cands, log_prior = model.policy.prior.candidates(enc, noise)
+    score = model.q_net(enc, cands).min(0).values / 0.5 + log_prior
+    expected = cands[torch.arange(6), score.argmax(1)]
+    np.testing.assert_allclose(model.act(obs.numpy()), expected.detach().numpy(), atol=1e-6)
+
+
+def test_the_acting_temperature_moves_the_controller_between_the_prior_mode_and_q():
+    obs = torch.randn(32, 5)
+    cold, hot = tilted_model(temperature=1e-6), tilted_model(temperature=1e9)
+    enc = cold.encoder(obs)
+    noise = torch.randn((1, 8, 2), generator=torch.Generator().manual_seed(GREEDY_NOISE_SEED))
+    cands, _ = cold.policy.prior.candidates(enc, noise)
+    best_q = cands[torch.arange(32), cold.q_net(enc, cands).min(0).values.argmax(1)]
+    np.testing.assert_allclose(cold.act(obs.numpy()), best_q.detach().numpy(), atol=1e-6)
+    # Without Q's pull the prior's density decides: its mode.
+    np.testing.assert_allclose(hot.act(obs.numpy()), hot.policy.prior.mode(enc).numpy(), atol=1e-6)
+
+
+def test_sampled_actions_follow_the_prior_when_q_does_not_pull():
+    model = tilted_model(temperature=1e9)
+    model.policy.num_candidates = 64
+    one = torch.zeros(1, 5)
+    obs = one.repeat(4000, 1).numpy()
+    actions = model.act(obs, deterministic=False)
+    direct = model.policy.prior.sample(model.encoder(one.repeat(4000, 1))).numpy()
+    np.testing.assert_allclose(actions.mean(0), direct.mean(0), atol=0.06)
+    np.testing.assert_allclose(actions.std(0), direct.std(0), rtol=0.1)
+
+
+def test_boltzmann_greedy_action_is_the_best_proposal_candidate_by_q():
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=BOX, hidden_sizes=[16], policy=BoltzmannPolicy.config(num_candidates=8))
+    obs = torch.randn(5, 5)
+    enc = model.encoder(obs)
+    noise = model.proposal.draw_noise(1, 8, torch.Generator().manual_seed(GREEDY_NOISE_SEED))
+    draws, _ = model.proposal.sample(enc, 8, noise=noise)
+    cands = torch.cat([model.proposal.mode(enc).unsqueeze(1), draws], 1)
+    expected = cands[torch.arange(5), model.q_net(enc, cands).min(0).values.argmax(1)]
+    np.testing.assert_allclose(model.act(obs.numpy()), expected.detach().numpy(), atol=1e-6)
+
+
+def test_clipped_gaussian_candidates_are_the_mode_and_the_given_draws_with_u_space_densities():
+    torch.manual_seed(0)
+    prior = GaussianPolicy(BOX, [16], "clipped")
+    obs = torch.randn(3, 5)
+    mean, log_std = prior(obs)  # (3, 2) each
+    eps = torch.randn((1, 4, 2), generator=torch.Generator().manual_seed(1))
+    cands, log_prior = prior.candidates(obs, eps)
+    u = torch.cat([mean.unsqueeze(1), mean.unsqueeze(1) + log_std.exp().unsqueeze(1) * eps], 1)
+    torch.testing.assert_close(cands, torch.tensor([2.0, 1.0]) * u.clamp(-1, 1))
+    torch.testing.assert_close(cands[:, 0], prior.mode(obs))
+    z = (u - mean.unsqueeze(1)) / log_std.exp().unsqueeze(1)
+    torch.testing.assert_close(log_prior, (-0.5 * z**2 - log_std.unsqueeze(1) - 0.5 * math.log(2 * math.pi)).sum(-1))
+    torch.testing.assert_close(log_prior[:, 0], -log_std.sum(-1) - math.log(2 * math.pi))
+
+
+def saturated_demonstrations(n=4096, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(n, 5, generator=g)
+    mean = torch.stack([1.5 * torch.tanh(obs[:, 0]), 0.8 * torch.tanh(obs[:, 1])], 1)
+    high = torch.tensor(BOX["action_high"])
+    actions = torch.maximum(torch.minimum(mean + 0.8 * high * torch.randn(mean.shape, generator=g), high), -high)
+    return obs, actions, mean
+
+
+def test_fit_recovers_the_mean_of_saturated_demonstrations_and_freezes_the_prior():
+    # Demonstrations like the benchmark's: clip(mean + noise), many of them on a face.
+    model = tilted_model(hidden_sizes=[64, 64], fit_steps=1500, lr=1e-3)
+    obs, actions, mean = saturated_demonstrations()
+    high = torch.tensor(BOX["action_high"])
+    assert 0.25 < (actions.abs() == high).float().mean() < 0.6
+    assert model.policy.needs_fit
+    model.policy.fit(FakeData((obs, actions)), torch.Generator().manual_seed(0))
+    prior = model.policy.prior
+    assert not model.policy.needs_fit and not any(p.requires_grad for p in prior.parameters())
+    greedy = prior.mode(model.encoder(obs[:512]))
+    # Within a seventh of the noise's spread (0.8 in unit coordinates) of the true mean.
+    assert ((greedy - mean[:512]) / high).abs().mean() < 0.115
+    _, log_std = prior(model.encoder(obs[:512]))
+    assert torch.allclose(log_std.exp().mean(), torch.tensor(0.8), atol=0.1)
+
+
+def test_refit_clones_the_episodes_the_learned_reward_ranks_as_expert_like():
+    model = tilted_model(hidden_sizes=[32], fit_steps=600, lr=3e-3)
+    # D: episode 0 acts +0.8 on both dimensions, episode 1 acts -0.8; the reward likes positive actions.
+    obs = torch.randn(400, 5, generator=torch.Generator().manual_seed(1))
+    actions = torch.cat([torch.full((200, 2), 0.8), torch.full((200, 2), -0.8)]) * torch.tensor([2.0, 1.0]) / 2
+    episodes = torch.cat([torch.zeros(200), torch.ones(200)]).int()
+    data = FakeData((obs[:50], actions[:50]), (obs, actions), episodes)
+    model.policy.fit(data, torch.Generator().manual_seed(0))
+    metrics = model.policy.refit(data, lambda o, a: a.sum(-1), torch.Generator().manual_seed(0))
+    assert metrics == {"policy/relabeled_share": 0.5} and model.policy.revision == 1
+    assert model.policy.acting_prior is model.policy.relabeled_prior
+    mode = model.policy.acting_prior.mode(model.encoder(obs[200:]))  # also at the other episode's states
+    assert (mode - actions[0]).abs().max() < 0.15
+    # Where D is D_E there is nothing to relabel: the demonstrations' prior stays.
+    fresh = tilted_model()
+    assert fresh.policy.refit(FakeData((obs, actions)), lambda o, a: a.sum(-1), torch.Generator()) == {}
+    assert fresh.policy.acting_prior is fresh.policy.prior and fresh.policy.revision == 0
+
+
+def test_expert_like_episodes_keeps_the_episodes_whose_mean_learned_reward_reaches_the_threshold():
+    # Episodes 0..3 of lengths 2, 3, 1, 2; per-transition means 1.0, 3.0, -2.0, 2.5.
+    reward = torch.tensor([0.0, 2.0, 3.0, 4.0, 2.0, -2.0, 2.0, 3.0])
+    episode = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3], dtype=torch.int32)
+    # D's mean 1.75; expert level 3.75; f = 0.5 -> threshold 2.75: only episode 1.
+    assert expert_like_episodes(reward, episode, 3.75, 0.5).tolist() == [False, False, True, True, True, False,
+                                                                         False, False]
+    # f = 0 -> 1.75: episodes 1 and 3. f = 1 -> 3.75: none reaches it, the best is kept.
+    assert expert_like_episodes(reward, episode, 3.75, 0.0).tolist() == [False, False, True, True, True, False,
+                                                                         True, True]
+    assert expert_like_episodes(reward, episode, 3.75, 1.0).tolist() == [False, False, True, True, True, False,
+                                                                         False, False]
+
+
+def test_the_policy_argument_names_a_class_and_its_arguments_and_is_checked_at_once():
+    assert isinstance(make_policy(None), TiltedPriorPolicy)
+    assert isinstance(make_policy({"init_args": {"temperature": 2.0}}), TiltedPriorPolicy)
+    boltzmann = make_policy({"class_path": "BoltzmannPolicy", "init_args": {"temperature": 0.5}})
+    assert isinstance(boltzmann, BoltzmannPolicy) and boltzmann.temperature == 0.5
+    assert isinstance(make_policy(BoltzmannPolicy.config()), BoltzmannPolicy)
+    for spec, message in (({"class_path": "Foo"}, "is not a policy"),
+                          ({"class_path": "bicql_lightning.BiCQLML"}, "is not a policy"),
+                          ({"init_args": {"temprature": 2.0}}, "has no argument 'temprature'"),
+                          ({"class": "BoltzmannPolicy"}, "takes 'class_path' and 'init_args'"),
+                          ({"init_args": {"temperature": 0.0}}, "temperature must be positive")):
+        with pytest.raises(ValueError, match=message):
+            BiCQLML(policy=spec)  # no spaces, no data: refused before anything is read
+
+
+def test_the_boltzmann_policy_defaults_to_the_training_temperature():
+    model = BiCQLML(spaces=DISCRETE, hidden_sizes=[16], temperature=0.3, policy=BoltzmannPolicy.config())
+    assert model.policy.temperature == 0.3

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .datasets import DatasetError, Transitions, ensure_quickstart_datasets, load_minari, load_transitions
+from .demonstrations import concatenate, subsample
 from .spaces import SpaceSpec, space_spec
 
 # Dataset ids the package can make on the spot from a built-in expert, with no download.
@@ -43,6 +44,10 @@ class TransitionStore:
         act_dtype = torch.long if transitions.actions.dtype.kind in "iu" else torch.float32
         self.obs = torch.as_tensor(obs).to(obs_dtype)
         self.episode = torch.as_tensor(transitions.episode_ids)
+        # The episode of each transition: the segment numbers above unless demonstrations
+        # were subsampled (each kept transition a segment of its own).
+        self.episode_number = (self.episode if transitions.episode_numbers is None
+                               else torch.as_tensor(transitions.episode_numbers))
         self.fields: dict[str, Tensor] = {
             "action": torch.as_tensor(transitions.actions).to(act_dtype),
             "reward": torch.as_tensor(transitions.rewards).to(torch.float32),
@@ -53,12 +58,16 @@ class TransitionStore:
         return self.episode.shape[0]
 
     def to(self, device: torch.device) -> TransitionStore:
+        shared = self.episode_number is self.episode
         self.obs, self.episode = self.obs.to(device), self.episode.to(device)
+        self.episode_number = self.episode if shared else self.episode_number.to(device)
         self.fields = {k: v.to(device) for k, v in self.fields.items()}
         return self
 
     def pin_memory(self) -> TransitionStore:
+        shared = self.episode_number is self.episode
         self.obs, self.episode = self.obs.pin_memory(), self.episode.pin_memory()
+        self.episode_number = self.episode if shared else self.episode_number.pin_memory()
         self.fields = {k: v.pin_memory() for k, v in self.fields.items()}
         return self
 
@@ -162,6 +171,10 @@ class OfflineIRLDataModule(LightningDataModule):
         expert_episodes: keep only the first N expert episodes (``None``: all).
         offline_episodes: keep only the first N offline episodes (``None``: all).
         include_expert_in_offline: add the (kept) expert transitions to D.
+        expert_subsample: keep only the transitions at steps 0, k, 2k, ... of each expert
+            episode, each whole (``k`` = this; ``None``: every transition). The others are
+            used nowhere, neither in D_E nor in D (the GAIL/DAC protocol; the benchmark's
+            ``sub20`` is 20). See :mod:`bicql_lightning.demonstrations`.
         batch_size: offline batch size per step: the global batch over all processes
             (each of W DDP processes uses ``batch_size / W`` rows; it must divide evenly).
         expert_batch_size: expert batch size per step, global like ``batch_size``
@@ -183,6 +196,7 @@ class OfflineIRLDataModule(LightningDataModule):
         expert_episodes: int | None = None,
         offline_episodes: int | None = None,
         include_expert_in_offline: bool = True,
+        expert_subsample: int | None = None,
         batch_size: int = 256,
         expert_batch_size: int | None = None,
         batches_per_epoch: int = 1000,
@@ -197,6 +211,8 @@ class OfflineIRLDataModule(LightningDataModule):
                             ("val_size", val_size)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if expert_subsample is not None and expert_subsample < 1:
+            raise ValueError(f"expert_subsample must be at least 1 (or null: every transition), got {expert_subsample}")
         if expert_batch_size is not None and expert_batch_size < 1:
             raise ValueError(f"expert_batch_size must be at least 1, got {expert_batch_size}")
         self.save_hyperparameters()
@@ -222,6 +238,8 @@ class OfflineIRLDataModule(LightningDataModule):
                        [hp.offline_dataset] if isinstance(hp.offline_dataset, str) else list(hp.offline_dataset))
         self._ensure_quickstart(expert_ids + offline_ids)
         self.expert = load_transitions(expert_ids, hp.expert_episodes, download=hp.download)
+        if hp.expert_subsample:
+            self.expert = subsample(self.expert, hp.expert_subsample)
         for dataset_id in offline_ids:  # checked on the metadata, before anything large is read
             offline = load_minari(dataset_id, download=hp.download)
             for what in ("observation_space", "action_space"):
@@ -231,10 +249,16 @@ class OfflineIRLDataModule(LightningDataModule):
                         f"different {what.replace('_', ' ')}s: {getattr(offline, what)} vs "
                         f"{getattr(self.expert, what)}. Both must come from the same environment."
                     )
-        # D with the expert transitions appended is read into one set of arrays.
-        also = [(expert_ids, hp.expert_episodes)] if hp.include_expert_in_offline else []
-        self.offline = (load_transitions(offline_ids, hp.offline_episodes, download=hp.download, also=also)
-                        if offline_ids else None)
+        if not offline_ids:
+            self.offline = None
+        elif hp.expert_subsample and hp.include_expert_in_offline:
+            # D gets the kept demonstration transitions only, after its own episodes.
+            self.offline = concatenate(load_transitions(offline_ids, hp.offline_episodes, download=hp.download),
+                                       self.expert)
+        else:
+            # D with the expert transitions appended is read into one set of arrays.
+            also = [(expert_ids, hp.expert_episodes)] if hp.include_expert_in_offline else []
+            self.offline = load_transitions(offline_ids, hp.offline_episodes, download=hp.download, also=also)
         self._spaces: SpaceSpec = space_spec(self.expert.observation_space, self.expert.action_space)
         self.expert_store = TransitionStore(self.expert)
         self.offline_store = self.expert_store if self.offline is None else TransitionStore(self.offline)
@@ -391,7 +415,7 @@ class OfflineIRLDataModule(LightningDataModule):
 
     def episodes(self, which: str) -> Tensor:
         """The episode number of each transition of D_E or D, ``(N,)`` integers."""
-        return self._store(which).episode
+        return self._store(which).episode_number
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

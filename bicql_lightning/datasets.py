@@ -239,6 +239,9 @@ class Transitions:
     ref_min_score: Optional[float] = None
     ref_max_score: Optional[float] = None
     dataset_ids: List[str] = field(default_factory=list)
+    # The episode each transition came from, where ``episode_ids`` number segments instead
+    # (subsampled demonstrations: bicql_lightning.demonstrations); ``None``: ``episode_ids``.
+    episode_numbers: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.rewards.shape[0])

@@ -257,3 +257,29 @@ def test_spaces_property_is_the_space_spec_of_the_data(tiny):
                                "action_low": [-2.0], "action_high": [2.0]}
     env = gym.make("Pendulum-v1")
     assert pendulum.spaces == space_spec(env.observation_space, env.action_space)
+
+
+def test_subsampled_demonstrations_keep_every_kth_transition_whole_and_nothing_else(tiny):
+    full = OfflineIRLDataModule(tiny.cartpole_expert, tiny.cartpole_mixed, seed=0)
+    sub = OfflineIRLDataModule(tiny.cartpole_expert, tiny.cartpole_mixed, expert_subsample=20, seed=0)
+    full.load(), sub.load()
+    f, s = full.expert_store.tensors, sub.expert_store.tensors
+    episodes = full.episodes("expert")
+    step = torch.cat([torch.arange(int((episodes == k).sum())) for k in range(int(episodes.max()) + 1)])
+    kept = (step % 20 == 0).nonzero().squeeze(1)
+    assert len(sub.expert_store) == len(kept) == 9  # 3 episodes of 60 steps: t = 0, 20, 40
+    for key in ("obs", "action", "reward", "next_obs", "terminated"):
+        assert torch.equal(s[key], f[key][kept]), key
+    assert sub.episodes("expert").tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # D is the mixed episodes and the kept demonstration transitions only.
+    n_mixed = len(full.offline_store) - len(full.expert_store)
+    assert len(sub.offline_store) == n_mixed + 9
+    d = sub.offline_store.tensors
+    for key in ("obs", "action", "next_obs"):
+        assert torch.equal(d[key][:n_mixed], full.offline_store.tensors[key][:n_mixed])
+        assert torch.equal(d[key][n_mixed:], s[key])
+    assert sub.episodes("offline")[n_mixed:].tolist() == [4, 4, 4, 5, 5, 5, 6, 6, 6]  # after the 4 mixed episodes
+    batch = sub.sample_batch()
+    assert batch["expert"]["obs"].shape[0] == 256
+    with pytest.raises(ValueError, match="expert_subsample must be at least 1"):
+        OfflineIRLDataModule(tiny.cartpole_expert, expert_subsample=0)

@@ -6,6 +6,7 @@ from .datamodule import OfflineIRLDataModule, TransitionStore
 from .densities import ActionProposal, GaussianPolicy
 from .distributed import AtomicCheckpointIO
 from .datasets import DatasetError, Transitions, collect_dataset, evaluate_policy, load_transitions
+from .iql import IQL
 from .iqlearn import IQLearn
 from .module import BiCQLML
 from .networks import EnsembleLinear, ObservationEncoder, QEnsemble, polyak_update
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActionProposal", "AtomicCheckpointIO", "BehaviorCloning", "BiCQLML", "BoltzmannPolicy", "CheckpointError",
-    "DatasetError", "EnsembleLinear", "FitPolicy", "GaussianPolicy", "IQLearn", "LearnedRewardWrapper",
+    "DatasetError", "EnsembleLinear", "FitPolicy", "GaussianPolicy", "IQL", "IQLearn", "LearnedRewardWrapper",
     "ObservationEncoder", "OfflineIRLDataModule", "QEnsemble", "QPolicy", "RewardNet", "RolloutEvaluation",
     "TiltedPriorPolicy", "SpaceSpec", "TargetNetworkUpdate", "TransitionStore",
     "Transitions", "collect_dataset", "evaluate_policy", "load_transitions", "normalized_score",

@@ -1,0 +1,227 @@
+r"""Implicit Q-learning (IQL, Kostrikov et al. 2021): the offline RL learner of the collection.
+
+It trains on the offline data D alone, with the dataset's rewards or with a learned reward
+(``reward``: a BiCQL-ML checkpoint), so that a recovered reward can be judged by the
+controller it trains (benchmark version 2's reward transfer). Each update, on a batch of D:
+
+1. value, expectile regression onto the target critics' minimum:
+   :math:`L_V = \mathbb E[|\tau - 1(u < 0)|\,u^2]`, :math:`u = \min_i\bar Q_i(s,a) - V(s)`;
+2. critics, TD regression onto the value of the next state:
+   :math:`L_Q = \sum_i \mathbb E[(Q_i(s,a) - r - \gamma(1-\text{terminated})V(s'))^2]`;
+3. policy, advantage-weighted regression:
+   :math:`L_\pi = -\mathbb E[\min(e^{\beta(\min_i\bar Q_i(s,a) - V(s))}, w_{max})\log\pi(a|s)]`.
+
+No action outside the data is ever evaluated. Box policies are the clipped Gaussian of
+:mod:`bicql_lightning.densities` (exact censored likelihood), Discrete ones categorical.
+
+Two commands train BiCQL-ML's reward and then a controller on it::
+
+    bicql fit --config configs/quickstart_mixed.yaml      # BiCQL-ML: 3,000 updates, one checkpoint
+    bicql fit --config configs/quickstart_mixed.yaml --model bicql_lightning.IQL \
+        --model.reward lightning_logs/quickstart_mixed/version_0/checkpoints/epoch=2-step=6000.ckpt
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .base import OfflineModule
+from .densities import GaussianPolicy
+from .distributed import full_precision
+from .losses import Metrics
+from .networks import QEnsemble, mlp
+from .reward import RewardNet
+from .spaces import SpaceSpec, check_spec
+
+Batch = dict[str, Tensor]
+
+
+# ============================================================================ losses
+def expectile_loss(diff: Tensor, expectile: float) -> Tensor:
+    r""":math:`\mathbb E[|\tau - 1(u<0)|\,u^2]` of ``diff`` = :math:`u`: above the mean for :math:`\tau > 1/2`."""
+    weight = torch.where(diff < 0, 1.0 - expectile, expectile)
+    return (weight * diff.pow(2)).mean()
+
+
+def awr_weights(advantage: Tensor, beta: float, max_weight: float) -> Tensor:
+    r""":math:`\min(\exp(\beta A), w_{max})`, computed so that a large advantage cannot overflow."""
+    return torch.exp((beta * advantage).clamp(max=float(np.log(max_weight))))
+
+
+def iql_td_target(reward: Tensor, next_value: Tensor, terminated: Tensor, gamma: float) -> Tensor:
+    """:math:`r + \\gamma(1-\\text{terminated})V(s')` (no gradient is meant to flow through it)."""
+    return reward + gamma * (1.0 - terminated) * next_value
+
+
+# ============================================================================ the module
+class IQL(OfflineModule):
+    r"""Implicit Q-learning on the offline data, with the dataset's or a learned reward.
+
+    Args:
+        spaces: observation/action spaces as a :class:`SpaceSpec` dict. Left ``None``,
+            it is taken from the data module at ``setup`` (the CLI links it).
+        reward: ``None`` trains on the dataset's rewards; a path to a checkpoint holding a
+            :class:`~bicql_lightning.RewardNet` (a BiCQL-ML checkpoint) trains on that
+            learned reward instead: the frozen network relabels every batch of D on the
+            training device, exactly the rewards a one-time relabelling of D would give.
+        reward_scale: the rewards are multiplied by this before use.
+        hidden_sizes: hidden widths of the critics, the value and the policy.
+        gamma: discount :math:`\gamma`.
+        expectile: :math:`\tau` of the value's expectile regression (0.7: the IQL paper's
+            MuJoCo setting).
+        beta: inverse temperature :math:`\beta` of the policy's advantage weights (3.0).
+        max_weight: :math:`w_{max}`, the advantage weights' cap (100).
+        lr: Adam learning rate of the critics, the value and the policy.
+        updates_per_sec_every: updates between two throughput measurements.
+        log_every_n_updates: training metrics are logged every N updates; ``None`` follows
+            the Trainer's ``log_every_n_steps``.
+        sample_seed: seed of the module's random stream (stochastic acting only).
+
+    Logged: ``iql/value_loss``, ``iql/q_loss``, ``iql/policy_loss``, ``iql/advantage``,
+    ``iql/weight``, ``iql/reward``; ``train/updates_per_sec``, ``train/updates``.
+    The target critics follow ``q_net`` through :class:`~bicql_lightning.TargetNetworkUpdate`
+    (added unless configured).
+    """
+
+    model_name = "IQL"
+
+    def __init__(
+        self,
+        spaces: dict[str, Any] | None = None,
+        reward: str | None = None,
+        reward_scale: float = 1.0,
+        hidden_sizes: list[int] = [256, 256],  # noqa: B006 - jsonargparse needs a literal
+        gamma: float = 0.99,
+        expectile: float = 0.7,
+        beta: float = 3.0,
+        max_weight: float = 100.0,
+        lr: float = 3e-4,
+        updates_per_sec_every: int = 100,
+        log_every_n_updates: int | None = None,
+        sample_seed: int | None = None,
+    ):
+        super().__init__()
+        if not 0.0 < expectile < 1.0:
+            raise ValueError(f"expectile must be in (0, 1), got {expectile}")
+        if beta < 0 or max_weight <= 0:
+            raise ValueError(f"beta must be >= 0 and max_weight > 0, got {beta} and {max_weight}")
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+        if not hidden_sizes:
+            raise ValueError("hidden_sizes must name at least one hidden layer")
+        if log_every_n_updates is not None and log_every_n_updates < 1:
+            raise ValueError(f"log_every_n_updates must be at least 1, got {log_every_n_updates}")
+        self.save_hyperparameters()
+        self._init_state()
+        # Read (and checked: a missing, truncated or foreign file fails here) before any data.
+        self.reward_net = None if reward is None else RewardNet.from_checkpoint(reward).requires_grad_(False)
+        if spaces is not None:
+            self._build(check_spec(dict(spaces)))
+
+    def _build(self, spaces: SpaceSpec) -> None:
+        hp = self.hparams
+        self._adopt_spaces(spaces)
+        if self.reward_net is not None and dict(self.reward_net.spaces) != dict(spaces):
+            raise ValueError(f"The reward checkpoint {hp.reward!r} was trained on spaces {dict(self.reward_net.spaces)}, "
+                             f"not on this data's {dict(spaces)}: pass a reward learned on the same environment.")
+        self.q_net = QEnsemble(spaces, hp.hidden_sizes, ensemble_size=2)
+        self.target_q_net = copy.deepcopy(self.q_net).requires_grad_(False)
+        self.value_net = mlp(spaces["obs_dim"], hp.hidden_sizes, 1)
+        self.policy: nn.Module = (mlp(spaces["obs_dim"], hp.hidden_sizes, spaces["action_dim"]) if self.discrete
+                                  else GaussianPolicy(spaces, hp.hidden_sizes, "clipped"))
+        self.built = True
+
+    def configure_optimizers(self):
+        lr = self.hparams.lr
+        return (torch.optim.Adam(self.value_net.parameters(), lr=lr), torch.optim.Adam(self.q_net.parameters(), lr=lr),
+                torch.optim.Adam(self.policy.parameters(), lr=lr))
+
+    def configure_callbacks(self):
+        from .callbacks import TargetNetworkUpdate
+
+        if any(isinstance(cb, TargetNetworkUpdate) for cb in self.trainer.callbacks):
+            return []
+        return [TargetNetworkUpdate()]
+
+    # ------------------------------------------------------------------ pieces
+    def _q(self, net: QEnsemble, enc: Tensor, action: Tensor) -> Tensor:
+        """Each critic's Q at the data actions, ``(E, B)``."""
+        if self.discrete:
+            q_all = full_precision(net(enc))
+            return q_all.gather(2, action.long().view(1, -1, 1).expand(q_all.shape[0], -1, 1)).squeeze(2)
+        return full_precision(net(enc, action))
+
+    def _value(self, enc: Tensor) -> Tensor:
+        return full_precision(self.value_net(enc)).squeeze(-1)
+
+    @torch.no_grad()
+    def rewards(self, batch: Batch) -> Tensor:
+        """The rewards training uses: the dataset's, or the learned reward's, times ``reward_scale``."""
+        r = batch["reward"] if self.reward_net is None else full_precision(
+            self.reward_net(batch["obs"], batch["action"]))
+        return self.hparams.reward_scale * r.float()
+
+    def _log_prob(self, enc: Tensor, action: Tensor) -> Tensor:
+        if self.discrete:
+            return torch.log_softmax(full_precision(self.policy(enc)), -1).gather(
+                1, action.long().view(-1, 1)).squeeze(1)
+        return self.policy.log_prob(enc, action)
+
+    # ------------------------------------------------------------------ objectives
+    def value_objective(self, enc: Tensor, action: Tensor) -> tuple[Tensor, Metrics]:
+        with torch.no_grad():
+            target_q = self._q(self.target_q_net, enc, action).min(0).values
+        diff = target_q - self._value(enc)
+        loss = expectile_loss(diff, self.hparams.expectile)
+        return loss, {"iql/value_loss": loss.detach(), "iql/advantage": diff.detach().mean()}
+
+    def q_objective(self, enc: Tensor, action: Tensor, reward: Tensor, next_enc: Tensor,
+                    terminated: Tensor) -> tuple[Tensor, Metrics]:
+        with torch.no_grad():
+            target = iql_td_target(reward, self._value(next_enc), terminated, self.hparams.gamma)
+        q = self._q(self.q_net, enc, action)  # (E, B)
+        loss = (q - target).pow(2).mean(1).sum()
+        return loss, {"iql/q_loss": loss.detach(), "iql/reward": reward.mean()}
+
+    def policy_objective(self, enc: Tensor, action: Tensor) -> tuple[Tensor, Metrics]:
+        hp = self.hparams
+        with torch.no_grad():
+            advantage = self._q(self.target_q_net, enc, action).min(0).values - self._value(enc)
+            weight = awr_weights(advantage, hp.beta, hp.max_weight)
+        loss = -(weight * self._log_prob(enc, action)).mean()
+        return loss, {"iql/policy_loss": loss.detach(), "iql/weight": weight.mean()}
+
+    def training_step(self, batch: dict[str, Batch], batch_idx: int) -> None:
+        data = batch["offline"]
+        v_opt, q_opt, pi_opt = self._optimizer_list()
+        enc, next_enc = self.encoder(data["obs"]), self.encoder(data["next_obs"])
+        metrics: Metrics = {}
+        metrics.update(self._step(v_opt, self.value_objective, enc, data["action"]))
+        metrics.update(self._step(q_opt, self.q_objective, enc, data["action"], self.rewards(data), next_enc,
+                                  data["terminated"]))
+        metrics.update(self._step(pi_opt, self.policy_objective, enc, data["action"]))
+        self._finish_step(metrics)
+
+    def validation_step(self, batch: dict[str, Batch], batch_idx: int) -> None:
+        expert = batch["expert"]
+        nll = -self._log_prob(self.encoder(expert["obs"]), expert["action"]).mean()
+        self.log("val/expert_nll", nll, prog_bar=True, sync_dist=True)
+
+    # ------------------------------------------------------------------ acting
+    @torch.no_grad()
+    def act(self, obs: np.ndarray | Tensor, deterministic: bool = True) -> np.ndarray:
+        """Action(s) for raw observation(s): the policy's greedy action or a draw from it."""
+        obs_t, single = self._obs_tensor(obs)
+        enc = self.encoder(obs_t)
+        if self.discrete:
+            logits = full_precision(self.policy(enc))
+            action = logits.argmax(1) if deterministic else torch.distributions.Categorical(logits=logits).sample()
+        else:
+            action = self.policy.mode(enc) if deterministic else self.policy.sample(enc)
+        out = action.cpu().numpy()
+        return out[0] if single else out

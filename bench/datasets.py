@@ -10,6 +10,8 @@ with the project's own dataset tools, the local Minari datasets
                                                uniform random action w.p. i/99, else the expert's
                                                action with noise 1.0
     bench/<task>/heldout-expert-v0             10 expert episodes, noise 0.5, seeds 500..509
+    bench/<task>/medium-v0                     100 episodes of the manifest's medium policy
+                                               (where it names one), noise 0.5, seeds 2000..2099
 
 each carrying R_random and R_expert (deterministic expert and uniform random actions on the
 evaluation seeds 10000..10009) as Minari's ref_min_score/ref_max_score. A dataset already
@@ -35,6 +37,7 @@ EXPERT_NOISE = 0.5
 MIXED_NOISE = 1.0
 MIXED_EPISODES = 100
 HELDOUT_SEEDS = list(range(500, 510))
+MEDIUM_SEEDS = list(range(2000, 2100))
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Task:
     env_id: str
     env_kwargs: dict
     expert_file: Path
+    medium_file: Path | None = None  # the manifest's optional medium-quality policy
 
     def make_env(self) -> gym.Env:
         return gym.make(self.env_id, **self.env_kwargs)
@@ -53,16 +57,24 @@ class Task:
         space = space if space is not None else self.make_env().action_space
         return MLPExpert.from_npz(self.expert_file, noise=noise, action_low=space.low, action_high=space.high)
 
+    def medium(self, noise: float, space: gym.spaces.Box | None = None) -> MLPExpert:
+        if self.medium_file is None:
+            raise ValueError(f"task {self.name!r} names no medium policy in its manifest")
+        space = space if space is not None else self.make_env().action_space
+        return MLPExpert.from_npz(self.medium_file, noise=noise, action_low=space.low, action_high=space.high)
+
     def dataset_id(self, kind: str) -> str:
         return f"bench/{self.name}/{kind}-v0"
 
 
 def read_manifest(path: str | os.PathLike) -> list[Task]:
-    """Tasks of an experts manifest (``{name: {file, env_id, env_kwargs}}``), in file order."""
+    """Tasks of an experts manifest (``{name: {file, env_id, env_kwargs[, medium]}}``), in file order."""
     path = Path(path)
     entries = json.loads(path.read_text())
     return [Task(name=name, env_id=entry["env_id"], env_kwargs=dict(entry.get("env_kwargs") or {}),
-                 expert_file=path.parent / entry["file"]) for name, entry in entries.items()]
+                 expert_file=path.parent / entry["file"],
+                 medium_file=path.parent / entry["medium"] if entry.get("medium") else None)
+            for name, entry in entries.items()]
 
 
 def _valid(dataset_id: str, episodes: int) -> bool:
@@ -97,6 +109,9 @@ def make_task_datasets(task: Task, progress: bool = True) -> dict[str, str]:
         "heldout-expert": dict(num_episodes=len(HELDOUT_SEEDS), episode_seeds=HELDOUT_SEEDS,
                                policy=task.expert(EXPERT_NOISE, action_space)),
     }
+    if task.medium_file is not None:
+        plan["medium"] = dict(num_episodes=len(MEDIUM_SEEDS), episode_seeds=MEDIUM_SEEDS,
+                              policy=task.medium(EXPERT_NOISE, action_space))
     ids = {kind: task.dataset_id(kind) for kind in plan}
     todo = [kind for kind, spec in plan.items() if not _valid(ids[kind], spec["num_episodes"])]
     if todo:

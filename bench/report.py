@@ -30,27 +30,31 @@ def _corr(values: list[float | None]) -> str:
 
 
 def run_key(row: dict) -> tuple:
-    """One run of the benchmark: ``(task, regime, N, algo, seed)``; bench.run skips the runs
-    already in its results file by this key."""
-    return row["task"], row["regime"], row["N"], row["algo"], row["seed"]
+    """One run of the benchmark: ``(task, regime, demos, N, algo, seed)`` (rows of protocol
+    version 1 have full demonstrations); bench.run skips the runs already in its results file
+    by this key."""
+    return row["task"], row["regime"], row.get("demos", "full"), row["N"], row["algo"], row["seed"]
 
 
 def group(rows: list[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[run_key(row)[:4]].append(row)
+        groups[run_key(row)[:5]].append(row)
     return dict(sorted(groups.items()))
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| task | regime | N | algorithm | seeds | normalised score | reward corr. (mixed) | "
-             "reward corr. (held-out expert) | updates | wall s (mean) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for (task, regime, n, algo), cell in group(rows).items():
+    lines = ["| task | regime | demos | N | algorithm | seeds | normalised score | reward corr. (mixed) | "
+             "reward corr. (held-out expert) | return Spearman (mixed / medium) | updates | wall s (mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (task, regime, demos, n, algo), cell in group(rows).items():
+        spearman = f"{_corr([r.get('return_spearman_mixed') for r in cell])} / " \
+                   f"{_corr([r.get('return_spearman_medium') for r in cell])}"
         lines.append(
-            f"| {task} | {regime} | {n} | {algo} | {len(cell)} | {_stat([r['normalized_score'] for r in cell])} | "
+            f"| {task} | {regime} | {demos} | {n} | {algo} | {len(cell)} | "
+            f"{_stat([r['normalized_score'] for r in cell])} | "
             f"{_corr([r.get('reward_corr_mixed') for r in cell])} | "
-            f"{_corr([r.get('reward_corr_heldout') for r in cell])} | {cell[0]['updates']} | "
+            f"{_corr([r.get('reward_corr_heldout') for r in cell])} | {spearman} | {cell[0]['updates']} | "
             f"{np.mean([r['wall_s'] for r in cell]):.0f} |")
     machines = sorted({r["machine"] for r in rows})
     total = sum(r["wall_s"] for r in rows)
@@ -66,8 +70,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = group(rows)
-    algos = sorted({key[3] for key in groups})
-    cells = sorted({key[:3] for key in groups})
+    algos = sorted({key[4] for key in groups})
+    cells = sorted({key[:4] for key in groups})
     width = 0.8 / max(len(algos), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(cells)), 4))
     for i, algo in enumerate(algos):
@@ -78,7 +82,7 @@ def plot(rows: list[dict], path: Path) -> None:
             stds.append(np.std(scores) if len(scores) > 1 else 0.0)
         ax.bar(np.arange(len(cells)) + i * width, means, width, yerr=stds, capsize=3, label=algo)
     ax.set_xticks(np.arange(len(cells)) + width * (len(algos) - 1) / 2)
-    ax.set_xticklabels([f"{t}\n{r} N={n}" for t, r, n in cells], fontsize=8)
+    ax.set_xticklabels([f"{t}\n{r} {d} N={n}" for t, r, d, n in cells], fontsize=8)
     ax.axhline(100, color="gray", lw=0.8, ls="--")
     ax.set_ylabel("normalised score")
     ax.legend()

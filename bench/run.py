@@ -35,16 +35,26 @@ from bicql_lightning import OfflineIRLDataModule, RolloutEvaluation, load_transi
 from bicql_lightning.precision import bf16_is_slow_on_cpu, is_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
+# Benchmark protocol version 2. A cell is (regime, demonstrations, N): "full" demonstrations
+# keep every transition, "sub20" every 20th (each whole); with-medium only where the manifest
+# names a medium policy.
 TIERS = {
-    "quick": {"seeds": [0], "cells": [("expert-only", 1), ("expert-only", 10), ("with-mixed", 1)],
-              "algos": ["bicql", "bc", "bc_all"]},
-    "full": {"seeds": [0, 1, 2], "cells": [("expert-only", 1), ("expert-only", 10), ("with-mixed", 1),
-                                           ("with-mixed", 10)], "algos": ["bicql", "bc", "bc_all", "iqlearn"]},
+    "quick": {"seeds": [0], "cells": [("expert-only", "full", 1), ("with-mixed", "sub20", 1),
+                                      ("with-medium", "sub20", 1)],
+              "algos": ["bicql", "bc", "bc_all", "iql_oracle", "iql_transfer"]},
+    "full": {"seeds": [0, 1, 2], "cells": [("expert-only", "full", 1), ("expert-only", "full", 10),
+                                           ("with-mixed", "full", 1), ("with-mixed", "sub20", 1),
+                                           ("with-medium", "full", 1), ("with-medium", "sub20", 1)],
+             "algos": ["bicql", "bc", "bc_all", "iqlearn", "iql_oracle", "iql_transfer"]},
 }
-# BC on all of D differs from BC on D_E only where D holds more than D_E.
-ONLY_REGIMES = {"bc_all": {"with-mixed"}}
+SUBSAMPLE = {"full": None, "sub20": 20}
+OFFLINE = {"with-mixed": "mixed", "with-medium": "medium"}
+# Algorithms that need D to hold more than D_E.
+ONLY_REGIMES = {algo: set(OFFLINE) for algo in ("bc_all", "iql_oracle", "iql_transfer")}
 # Queue order for several processes (--claims): the longest cells first.
 COST_RANK = {"bicql": 0, "iqlearn": 1}
+# The config each algorithm trains with (configs/bench/<name>.yaml), where it is not its own name.
+CONFIG_OF = {"iql_oracle": "iql", "iql_transfer": "iql"}
 EVAL_SEEDS = (10000, 10)  # first seed, episodes
 
 
@@ -97,13 +107,41 @@ def reward_correlation(model: pl.LightningModule, dataset_id: str) -> float | No
     return pearson(learned.float().cpu().numpy().astype(np.float64), t.rewards.astype(np.float64))
 
 
-def train_cell(task, regime: str, n: int, seed: int, config: dict):
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation: Pearson's of the ranks (tied values share their mean rank)."""
+    def ranks(x: np.ndarray) -> np.ndarray:
+        _, inverse, counts = np.unique(np.asarray(x, float), return_inverse=True, return_counts=True)
+        ends = np.cumsum(counts)
+        return ((ends - counts + ends - 1) / 2.0)[inverse]
+    return pearson(ranks(a), ranks(b))
+
+
+@torch.no_grad()
+def episode_return_correlation(model: pl.LightningModule, dataset_id: str) -> float | None:
+    """Spearman correlation, over the episodes of ``dataset_id``, of each episode's learned
+    return (the sum of r over its transitions) with its true return."""
+    if not hasattr(model, "reward_net") or getattr(model, "model_name", "") == "IQL":
+        return None
+    t = load_transitions(dataset_id)
+    learned = model.learned_rewards(torch.as_tensor(t.observations), torch.as_tensor(t.actions)).double().cpu().numpy()
+    episodes = t.episode_ids.astype(np.int64)
+    learned_returns = np.bincount(episodes, weights=learned)
+    true_returns = np.bincount(episodes, weights=t.rewards.astype(np.float64))
+    return spearman(learned_returns, true_returns)
+
+
+def checkpoint_path(checkpoints: Path, task, regime: str, demos: str, n: int, seed: int) -> Path:
+    """Where a BiCQL-ML cell's checkpoint is kept for IQL on its learned reward (iql_transfer)."""
+    return checkpoints / f"bicql_{task.name}_{regime}_{demos}_n{n}_seed{seed}.ckpt"
+
+
+def train_cell(task, regime: str, n: int, seed: int, config: dict, demos: str = "full"):
     """Train one cell and evaluate its final weights: ``(model, trainer, evaluation, wall seconds)``."""
     pl.seed_everything(seed, verbose=False)
     data_args = dict(config.get("data", {}))
     data_args.update(expert_dataset=task.dataset_id(f"expert-n{n}"),
-                     offline_dataset=None if regime == "expert-only" else task.dataset_id("mixed"),
-                     include_expert_in_offline=True, seed=seed)
+                     offline_dataset=None if regime == "expert-only" else task.dataset_id(OFFLINE[regime]),
+                     include_expert_in_offline=True, expert_subsample=SUBSAMPLE[demos], seed=seed)
     dm = OfflineIRLDataModule(**data_args)
     model = instantiate(config["model"], spaces=dm.spaces)
     evaluation = RolloutEvaluation(every_n_updates=0, episodes=EVAL_SEEDS[1], seed=EVAL_SEEDS[0])
@@ -117,20 +155,34 @@ def train_cell(task, regime: str, n: int, seed: int, config: dict):
     return model, trainer, evaluation, time.perf_counter() - start
 
 
-def run_cell(task, regime: str, n: int, algo: str, seed: int, config: dict) -> dict:
-    model, trainer, evaluation, wall = train_cell(task, regime, n, seed, config)
+def run_cell(task, regime: str, n: int, algo: str, seed: int, config: dict, demos: str = "full",
+             checkpoints: Path | None = None) -> dict:
+    if algo == "iql_transfer":
+        source = checkpoint_path(checkpoints, task, regime, demos, n, seed)
+        config = {**config, "model": {**config["model"], "init_args": {**config["model"].get("init_args", {}),
+                                                                       "reward": str(source)}}}
+    model, trainer, evaluation, wall = train_cell(task, regime, n, seed, config, demos)
+    if algo == "bicql" and checkpoints is not None:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(checkpoint_path(checkpoints, task, regime, demos, n, seed))
     trainer_args = config.get("trainer", {})
     result = evaluation.last
+    irl = getattr(model, "model_name", "") != "IQL"
     return {
-        "task": task.name, "env_id": task.env_id, "regime": regime, "N": n, "algo": algo, "seed": seed,
-        "normalized_score": result["normalized_score"], "return": result["return"],
+        "task": task.name, "env_id": task.env_id, "regime": regime, "demos": demos, "N": n, "algo": algo,
+        "seed": seed, "normalized_score": result["normalized_score"], "return": result["return"],
         "return_std": result["return_std"], "expert_return": result["expert_return"],
         "random_return": result["random_return"],
-        "reward_corr_mixed": reward_correlation(model, task.dataset_id("mixed")),
-        "reward_corr_heldout": reward_correlation(model, task.dataset_id("heldout-expert")),
+        "reward_corr_mixed": reward_correlation(model, task.dataset_id("mixed")) if irl else None,
+        "reward_corr_medium": (reward_correlation(model, task.dataset_id("medium"))
+                               if irl and task.medium_file is not None else None),
+        "reward_corr_heldout": reward_correlation(model, task.dataset_id("heldout-expert")) if irl else None,
+        "return_spearman_mixed": episode_return_correlation(model, task.dataset_id("mixed")),
+        "return_spearman_medium": (episode_return_correlation(model, task.dataset_id("medium"))
+                                   if task.medium_file is not None else None),
         "updates": int(model.updates), "optimizer_steps": int(trainer.global_step), "wall_s": round(wall, 1),
         "machine": machine(gpu_used=trainer_args.get("accelerator") in ("gpu", "cuda"), threads=True),
-        "config": config, "versions": versions(), "commit": git_commit(),
+        "config": config, "versions": versions(), "commit": git_commit(), "protocol": 2,
     }
 
 
@@ -143,19 +195,21 @@ def append_line(path: Path, line: str) -> None:
         os.close(fd)
 
 
-def in_tier(tier: str | None, regime: str, n: int, algo: str, seed: int) -> bool:
+def in_tier(tier: str | None, regime: str, demos: str, n: int, algo: str, seed: int) -> bool:
     if tier is None:
         return False
     spec = TIERS[tier]
-    return (regime, n) in spec["cells"] and algo in spec["algos"] and seed in spec["seeds"]
+    return (regime, demos, n) in spec["cells"] and algo in spec["algos"] and seed in spec["seeds"]
 
 
-def parse_cell(text: str) -> tuple[str, int]:
-    """``"with-mixed:1"`` -> ``("with-mixed", 1)``."""
-    regime, sep, n = text.rpartition(":")
-    if not sep or not n.isdigit():
-        raise argparse.ArgumentTypeError(f"a cell is REGIME:N (e.g. expert-only:1), got {text!r}")
-    return regime, int(n)
+def parse_cell(text: str) -> tuple[str, str, int]:
+    """``"with-mixed:sub20:1"`` -> ``("with-mixed", "sub20", 1)``; ``"expert-only:1"``: full demonstrations."""
+    parts = text.split(":")
+    if len(parts) == 2:
+        parts = [parts[0], "full", parts[1]]
+    if len(parts) != 3 or not parts[2].isdigit() or parts[1] not in SUBSAMPLE or not parts[0]:
+        raise argparse.ArgumentTypeError(f"a cell is REGIME[:full|sub20]:N (e.g. with-mixed:sub20:1), got {text!r}")
+    return parts[0], parts[1], int(parts[2])
 
 
 def choose_precision(trainer: dict, requested: str, slow_bf16: Callable[[], bool] | None = None) -> str | None:
@@ -192,14 +246,17 @@ def claim(path: Path) -> bool:
 
 
 def plan_cells(tasks, tier: dict, algos, seeds, cells, done: set, exclude_tier: str | None) -> list[tuple]:
-    """The ``(task, regime, N, algo, seed)`` runs still to do: the tier's cells (or ``cells`` of
-    them) for ``algos`` and ``seeds`` (default: the tier's), minus those in ``done``."""
-    return [(task, regime, n, algo, seed) for task in tasks for regime, n in tier["cells"]
-            if cells is None or (regime, n) in cells
+    """The ``(task, regime, demos, N, algo, seed)`` runs still to do: the tier's cells (or ``cells``
+    of them) for ``algos`` and ``seeds`` (default: the tier's), minus those in ``done``; with-medium
+    only for tasks with a medium policy. In the tier's algorithm order, so a BiCQL-ML cell comes
+    before the IQL run on its reward."""
+    return [(task, regime, demos, n, algo, seed) for task in tasks for regime, demos, n in tier["cells"]
+            if cells is None or (regime, demos, n) in cells
+            if regime != "with-medium" or getattr(task, "medium_file", None) is not None
             for algo in algos or tier["algos"] for seed in (tier["seeds"] if seeds is None else seeds)
-            if (task.name, regime, n, algo, seed) not in done
+            if (task.name, regime, demos, n, algo, seed) not in done
             and regime in ONLY_REGIMES.get(algo, {regime})
-            and not in_tier(exclude_tier, regime, n, algo, seed)]
+            and not in_tier(exclude_tier, regime, demos, n, algo, seed)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -213,8 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", default=str(ROOT / "configs" / "bench"), help="folder of <algo>.yaml")
     parser.add_argument("--seeds", nargs="*", type=int, default=None,
                         help="the seeds to run instead of the tier's (e.g. 3 4 5 for more seeds of its cells)")
-    parser.add_argument("--cells", nargs="*", type=parse_cell, default=None, metavar="REGIME:N",
-                        help="a subset of the tier's (regime, N) cells, e.g. expert-only:1 with-mixed:1")
+    parser.add_argument("--cells", nargs="*", type=parse_cell, default=None, metavar="REGIME[:DEMOS]:N",
+                        help="a subset of the tier's cells, e.g. expert-only:1 with-mixed:sub20:1")
+    parser.add_argument("--checkpoints", default=None,
+                        help="folder for the BiCQL-ML cells' checkpoints that iql_transfer trains on "
+                             "(default: beside --results)")
     parser.add_argument("--accelerator", default=None,
                         help="overrides the configs' trainer.accelerator (e.g. gpu); recorded in each row")
     parser.add_argument("--precision", default="auto",
@@ -245,22 +305,28 @@ def main(argv: list[str] | None = None) -> None:
     cells = plan_cells(tasks, tier, args.algos, args.seeds, args.cells, done, args.exclude_tier)
     if claims is not None:
         # Several processes drain one queue: the longest cells first, so none is left alone at the end.
-        cells.sort(key=lambda c: (c[1] != "with-mixed", -c[2], COST_RANK.get(c[3], len(COST_RANK))))
-    for task, regime, n, algo, seed in cells:
-        if claims is not None and not claim(claims / f"{task.name}_{regime}_{n}_{algo}_{seed}"):
+        cells.sort(key=lambda c: (c[4] == "iql_transfer", c[1] == "expert-only", -c[3],
+                                  COST_RANK.get(c[4], len(COST_RANK))))
+    checkpoints = Path(args.checkpoints) if args.checkpoints else results.parent / "checkpoints"
+    for task, regime, demos, n, algo, seed in cells:
+        if claims is not None and not claim(claims / f"{task.name}_{regime}_{demos}_{n}_{algo}_{seed}"):
             continue
-        config = yaml.safe_load((Path(args.configs) / f"{algo}.yaml").read_text())
+        if algo == "iql_transfer" and not checkpoint_path(checkpoints, task, regime, demos, n, seed).exists():
+            print(f"{task.name} {regime} {demos} N={n} iql_transfer seed={seed}: skipped, no BiCQL-ML checkpoint "
+                  f"of that cell in {checkpoints} (run its bicql cell first)", flush=True)
+            continue
+        config = yaml.safe_load((Path(args.configs) / f"{CONFIG_OF.get(algo, algo)}.yaml").read_text())
         trainer = config.setdefault("trainer", {})
         if args.accelerator:
             trainer["accelerator"] = args.accelerator
         configured = set_precision(trainer, args.precision)
         if trainer.get("precision") != configured:
-            print(f"{task.name} {regime} N={n} {algo} seed={seed}: trainer.precision {trainer['precision']} instead "
+            print(f"{task.name} {regime} {demos} N={n} {algo} seed={seed}: trainer.precision {trainer['precision']} instead "
                   f"of the config's {configured}" + (" (no bf16 arithmetic on this CPU)"
                                                      if args.precision == "auto" else ""), flush=True)
-        row = run_cell(task, regime, n, algo, seed, config)
+        row = run_cell(task, regime, n, algo, seed, config, demos, checkpoints)
         append_line(results, json.dumps(row))
-        print(f"{task.name} {regime} N={n} {algo} seed={seed}: score={row['normalized_score']:.1f} "
+        print(f"{task.name} {regime} {demos} N={n} {algo} seed={seed}: score={row['normalized_score']:.1f} "
               f"corr_mixed={row['reward_corr_mixed']} updates={row['updates']} wall={row['wall_s']}s", flush=True)
 
 

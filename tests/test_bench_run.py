@@ -4,53 +4,70 @@ import argparse
 
 import pytest
 
-from bench.run import TIERS, choose_precision, main, parse_cell, plan_cells, set_precision
+import numpy as np
+
+from bench.run import TIERS, choose_precision, main, parse_cell, plan_cells, set_precision, spearman
 from bicql_lightning.precision import cpu_bf16_slowdown, is_bf16
 
 
-def test_a_cell_is_regime_colon_n():
-    assert parse_cell("expert-only:10") == ("expert-only", 10)
-    assert parse_cell("with-mixed:1") == ("with-mixed", 1)
-    for bad in ("with-mixed", "with-mixed:one", ":"):
-        with pytest.raises(argparse.ArgumentTypeError, match="a cell is REGIME:N"):
+def test_a_cell_is_regime_demonstrations_n_and_full_by_default():
+    assert parse_cell("expert-only:10") == ("expert-only", "full", 10)
+    assert parse_cell("with-mixed:sub20:1") == ("with-mixed", "sub20", 1)
+    for bad in ("with-mixed", "with-mixed:one", ":", "with-mixed:sub5:1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="a cell is REGIME"):
             parse_cell(bad)
 
 
 def test_cells_outside_the_tier_are_refused_before_the_manifest_is_read(tmp_path, capsys):
-    assert ("with-mixed", 10) in TIERS["full"]["cells"] and ("with-mixed", 10) not in TIERS["quick"]["cells"]
+    assert ("with-mixed", "full", 1) in TIERS["full"]["cells"] and ("with-mixed", "full", 1) not in TIERS["quick"]["cells"]
     results = tmp_path / "results.jsonl"
     with pytest.raises(SystemExit) as exit_info:
         main(["--manifest", str(tmp_path / "missing.json"), "--data", str(tmp_path), "--tier", "quick",
-              "--results", str(results), "--cells", "expert-only:1", "with-mixed:10"])
+              "--results", str(results), "--cells", "expert-only:1", "with-mixed:1"])
     assert exit_info.value.code == 2
-    assert "--cells [('with-mixed', 10)] are not in the quick tier's cells" in capsys.readouterr().err
+    assert "--cells [('with-mixed', 'full', 1)] are not in the quick tier's cells" in capsys.readouterr().err
     assert not results.exists()
 
 
 class _Task:
-    def __init__(self, name):
+    def __init__(self, name, medium=True):
         self.name = name
+        self.medium_file = "medium.npz" if medium else None
 
 
 def test_seeds_beyond_the_tier_add_runs_of_its_cells_and_skip_finished_ones():
     tasks = [_Task("hopper"), _Task("walker2d")]
-    done = {("walker2d", "expert-only", 1, "bc", 4)}
-    plan = plan_cells(tasks, TIERS["full"], ["bicql", "bc"], [3, 4, 5], [("expert-only", 1)], done, None)
-    keys = [(task.name, regime, n, algo, seed) for task, regime, n, algo, seed in plan]
+    done = {("walker2d", "expert-only", "full", 1, "bc", 4)}
+    plan = plan_cells(tasks, TIERS["full"], ["bicql", "bc"], [3, 4, 5], [("expert-only", "full", 1)], done, None)
+    keys = [(task.name, *rest) for task, *rest in plan]
     assert len(keys) == 2 * 2 * 3 - 1
-    assert {key[4] for key in keys} == {3, 4, 5}
-    assert ("walker2d", "expert-only", 1, "bc", 4) not in keys
-    assert {(key[1], key[2]) for key in keys} == {("expert-only", 1)}
+    assert {key[5] for key in keys} == {3, 4, 5}
+    assert ("walker2d", "expert-only", "full", 1, "bc", 4) not in keys
 
 
-def test_without_seeds_a_tier_runs_its_own_and_bc_all_only_with_mixed_data():
-    plan = plan_cells([_Task("hopper")], TIERS["quick"], None, None, None, set(), None)
-    keys = {(regime, n, algo, seed) for _, regime, n, algo, seed in plan}
-    assert {seed for *_, seed in keys} == {0}
-    assert len(keys) == 3 * 2 + 1  # bicql and bc in three cells, bc_all in with-mixed:1 only
-    assert ("with-mixed", 1, "bc_all", 0) in keys and ("expert-only", 1, "bc_all", 0) not in keys
+def test_the_quick_tier_is_protocol_two_and_medium_cells_need_a_medium_policy():
+    plan = plan_cells([_Task("hopper"), _Task("ant", medium=False)], TIERS["quick"], None, None, None, set(), None)
+    keys = {(task.name, regime, demos, n, algo) for task, regime, demos, n, algo, seed in plan}
+    assert {seed for *_, seed in plan} == {0}
+    hopper = {k[1:] for k in keys if k[0] == "hopper"}
+    # bicql and bc in three cells; bc_all and both IQL runs where D holds more than D_E.
+    assert len(hopper) == 3 * 2 + 2 * 3
+    assert ("with-medium", "sub20", 1, "iql_transfer") in hopper and ("expert-only", "full", 1, "iql_oracle") not in hopper
+    assert not any(k[0] == "ant" and k[1] == "with-medium" for k in keys)
+    # The IQL run on a cell's learned reward is planned after that cell's BiCQL-ML run.
+    order = [(t.name, r, d, n, a) for t, r, d, n, a, _ in plan]
+    assert order.index(("hopper", "with-mixed", "sub20", 1, "bicql")) < order.index(
+        ("hopper", "with-mixed", "sub20", 1, "iql_transfer"))
     rest = plan_cells([_Task("hopper")], TIERS["full"], ["bicql"], None, None, set(), "quick")
-    assert len(rest) == 4 * 3 - 3  # the full tier's BiCQL-ML runs minus the quick tier's three
+    assert len(rest) == 6 * 3 - 3  # the full tier's BiCQL-ML runs minus the quick tier's three
+
+
+def test_spearman_is_the_rank_correlation_with_tied_ranks_shared():
+    assert spearman(np.array([1.0, 2.0, 3.0, 4.0]), np.array([10.0, 20.0, 35.0, 100.0])) == pytest.approx(1.0)
+    assert spearman(np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    # Ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4): Pearson of the ranks.
+    expected = np.corrcoef([1, 2.5, 2.5, 4], [1, 2, 3, 4])[0, 1]
+    assert spearman(np.array([0.0, 5.0, 5.0, 9.0]), np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(expected)
 
 
 def test_auto_precision_trains_in_float32_only_where_bf16_is_emulated_on_the_cpu():

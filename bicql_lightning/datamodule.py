@@ -46,8 +46,8 @@ class TransitionStore:
         self.episode = torch.as_tensor(transitions.episode_ids)
         # The episode of each transition: the segment numbers above unless demonstrations
         # were subsampled (each kept transition a segment of its own).
-        self.episode_number = (self.episode if transitions.episode_numbers is None
-                               else torch.as_tensor(transitions.episode_numbers))
+        numbers = getattr(transitions, "episode_numbers", None)
+        self.episode_number = self.episode if numbers is None else torch.as_tensor(numbers)
         self.fields: dict[str, Tensor] = {
             "action": torch.as_tensor(transitions.actions).to(act_dtype),
             "reward": torch.as_tensor(transitions.rewards).to(torch.float32),

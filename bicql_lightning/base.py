@@ -32,6 +32,17 @@ from .reward import CHECKPOINT_KEY, check_checkpoint_model, read_checkpoint
 from .spaces import SpaceSpec, check_spec
 
 
+def check_common_hparams(gamma: float | None = None, hidden_sizes: Sequence[int] | None = None,
+                         log_every_n_updates: int | None = None) -> None:
+    """The constructor checks the modules share, in one wording (``None``: not checked)."""
+    if gamma is not None and not 0.0 <= gamma < 1.0:
+        raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+    if hidden_sizes is not None and not hidden_sizes:
+        raise ValueError("hidden_sizes must name at least one hidden layer")
+    if log_every_n_updates is not None and log_every_n_updates < 1:
+        raise ValueError(f"log_every_n_updates must be at least 1, got {log_every_n_updates}")
+
+
 class OfflineModule(LightningModule):
     """What every module of the collection shares: counters, DDP updates, the random stream, checkpoints.
 

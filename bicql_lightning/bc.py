@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .base import OfflineModule
+from .base import OfflineModule, check_common_hparams
 from .densities import GaussianPolicy
 from .distributed import full_precision
 from .losses import Metrics
@@ -131,10 +131,7 @@ class BehaviorCloning(OfflineModule):
             raise ValueError(f"distribution must be 'clipped' or 'tanh', got {distribution!r}")
         if not log_std_min < log_std_max:
             raise ValueError(f"log_std_min must be below log_std_max, got {log_std_min} and {log_std_max}")
-        if not hidden_sizes:
-            raise ValueError("hidden_sizes must name at least one hidden layer")
-        if log_every_n_updates is not None and log_every_n_updates < 1:
-            raise ValueError(f"log_every_n_updates must be at least 1, got {log_every_n_updates}")
+        check_common_hparams(hidden_sizes=hidden_sizes, log_every_n_updates=log_every_n_updates)
         self.save_hyperparameters()
         self._init_state()
         if spaces is not None:

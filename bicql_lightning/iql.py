@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .base import OfflineModule
+from .base import OfflineModule, check_common_hparams
 from .densities import GaussianPolicy
 from .distributed import full_precision
 from .losses import Metrics
@@ -110,12 +110,7 @@ class IQL(OfflineModule):
             raise ValueError(f"expectile must be in (0, 1), got {expectile}")
         if beta < 0 or max_weight <= 0:
             raise ValueError(f"beta must be >= 0 and max_weight > 0, got {beta} and {max_weight}")
-        if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"gamma must be in [0, 1), got {gamma}")
-        if not hidden_sizes:
-            raise ValueError("hidden_sizes must name at least one hidden layer")
-        if log_every_n_updates is not None and log_every_n_updates < 1:
-            raise ValueError(f"log_every_n_updates must be at least 1, got {log_every_n_updates}")
+        check_common_hparams(gamma, hidden_sizes, log_every_n_updates)
         self.save_hyperparameters()
         self._init_state()
         # Read (and checked: a missing, truncated or foreign file fails here) before any data.

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import losses
-from .base import OfflineModule
+from .base import OfflineModule, check_common_hparams
 from .bc import Batch, frozen
 from .densities import GaussianPolicy
 from .losses import Metrics
@@ -201,10 +201,7 @@ class IQLearn(OfflineModule):
             raise ValueError(f"temperature must be positive, got {temperature}")
         if chi2_alpha <= 0:
             raise ValueError(f"chi2_alpha must be positive, got {chi2_alpha}")
-        if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"gamma must be in [0, 1), got {gamma}")
-        if not hidden_sizes:
-            raise ValueError("hidden_sizes must name at least one hidden layer")
+        check_common_hparams(gamma, hidden_sizes)
         self.save_hyperparameters()
         self._init_state()
         if spaces is not None:

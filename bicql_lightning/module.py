@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import losses
-from .base import OfflineModule
+from .base import OfflineModule, check_common_hparams
 from .densities import ActionProposal, fit_density
 from .distributed import all_reduce_mean_, broadcast_, full_precision, is_distributed
 from .networks import QEnsemble
@@ -148,8 +148,7 @@ class BiCQLML(OfflineModule):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+        check_common_hparams(gamma=gamma)
         make_policy(policy)  # a bad policy argument fails here, before any data is read
         self.save_hyperparameters()
         self._init_state()

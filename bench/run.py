@@ -56,6 +56,8 @@ COST_RANK = {"bicql": 0, "iqlearn": 1}
 # The config each algorithm trains with (configs/bench/<name>.yaml), where it is not its own name.
 CONFIG_OF = {"iql_oracle": "iql", "iql_transfer": "iql"}
 EVAL_SEEDS = (10000, 10)  # first seed, episodes
+# The algorithms whose rewards are reused (iql_transfer, bench.transfer_online): their cells keep a checkpoint.
+KEEP_CHECKPOINT = ("bicql", "iqlearn")
 
 
 def git_commit() -> str:
@@ -130,9 +132,10 @@ def episode_return_correlation(model: pl.LightningModule, dataset_id: str) -> fl
     return spearman(learned_returns, true_returns)
 
 
-def checkpoint_path(checkpoints: Path, task, regime: str, demos: str, n: int, seed: int) -> Path:
-    """Where a BiCQL-ML cell's checkpoint is kept for IQL on its learned reward (iql_transfer)."""
-    return checkpoints / f"bicql_{task.name}_{regime}_{demos}_n{n}_seed{seed}.ckpt"
+def checkpoint_path(checkpoints: Path, task, regime: str, demos: str, n: int, seed: int, algo: str = "bicql") -> Path:
+    """Where a BiCQL-ML (or IQ-Learn) cell's checkpoint is kept for training on its learned
+    reward: IQL offline (iql_transfer) and SAC online (bench.transfer_online)."""
+    return checkpoints / f"{algo}_{task.name}_{regime}_{demos}_n{n}_seed{seed}.ckpt"
 
 
 def train_cell(task, regime: str, n: int, seed: int, config: dict, demos: str = "full"):
@@ -162,9 +165,9 @@ def run_cell(task, regime: str, n: int, algo: str, seed: int, config: dict, demo
         config = {**config, "model": {**config["model"], "init_args": {**config["model"].get("init_args", {}),
                                                                        "reward": str(source)}}}
     model, trainer, evaluation, wall = train_cell(task, regime, n, seed, config, demos)
-    if algo == "bicql" and checkpoints is not None:
+    if algo in KEEP_CHECKPOINT and checkpoints is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(checkpoint_path(checkpoints, task, regime, demos, n, seed))
+        trainer.save_checkpoint(checkpoint_path(checkpoints, task, regime, demos, n, seed, algo))
     trainer_args = config.get("trainer", {})
     result = evaluation.last
     irl = getattr(model, "model_name", "") != "IQL"
@@ -273,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cells", nargs="*", type=parse_cell, default=None, metavar="REGIME[:DEMOS]:N",
                         help="a subset of the tier's cells, e.g. expert-only:1 with-mixed:sub20:1")
     parser.add_argument("--checkpoints", default=None,
-                        help="folder for the BiCQL-ML cells' checkpoints that iql_transfer trains on "
+                        help="folder for the BiCQL-ML and IQ-Learn cells' checkpoints that iql_transfer and "
+                             "bench.transfer_online train on "
                              "(default: beside --results)")
     parser.add_argument("--accelerator", default=None,
                         help="overrides the configs' trainer.accelerator (e.g. gpu); recorded in each row")

@@ -371,8 +371,8 @@ class IQLearn(OfflineModule):
         Raw (unnormalised) batched observations and environment-unit actions, as tensors
         or arrays; ``terminated`` defaults to all false. Q and V are those of the critics'
         minimum (the online critic). For Box actions :math:`V(s')` averages
-        ``num_reward_samples`` actor draws from a fixed stream, so the reward is a
-        function of the weights. Identifiable, like any IRL reward, only up to
+        ``num_reward_samples`` actor draws, the same fixed draws for every row, so the
+        reward is a function of the weights and of each transition alone. Identifiable, like any IRL reward, only up to
         potential shaping.
         """
         def tensor(x: Any, dtype: torch.dtype | None = None) -> Tensor:
@@ -389,9 +389,12 @@ class IQLearn(OfflineModule):
         q = self._q_data(self.q_net, enc, action_t).min(0).values
         noise = None
         if not self.discrete:
+            # One draw shared by every row: each transition's reward is then a function of
+            # that transition alone, whatever batch it is scored in (one at a time in
+            # LearnedRewardWrapper, all of D in bench.run).
             gen = torch.Generator(device=self.device).manual_seed(0)
-            noise = torch.randn((enc.shape[0], self.hparams.num_reward_samples, self.spaces["action_dim"]),
-                                generator=gen, device=self.device)
+            noise = torch.randn((1, self.hparams.num_reward_samples, self.spaces["action_dim"]),
+                                generator=gen, device=self.device).expand(enc.shape[0], -1, -1)
         next_value = self._value(self.q_net, next_enc, noise)
         return losses.soft_advantage(q, next_value, done, self.hparams.gamma)
 

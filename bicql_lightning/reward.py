@@ -142,12 +142,16 @@ class RewardNet(nn.Module):
 class LearnedRewardWrapper(gym.Wrapper):
     """Replace an environment's reward with a learned one.
 
-    The environment's own reward is kept in ``info["true_reward"]``.
+    ``reward_net`` is a :class:`RewardNet` or any object with imitation's
+    ``predict(state, action, next_state, done)``, called with one transition at a time
+    (e.g. an adapter around :meth:`IQLearn.predict_reward`, whose reward needs
+    :math:`s'`). The environment's own reward is kept in ``info["true_reward"]``;
+    termination and truncation are the environment's.
     """
 
-    def __init__(self, env: gym.Env, reward_net: RewardNet):
+    def __init__(self, env: gym.Env, reward_net: RewardNet | Any):
         super().__init__(env)
-        self.reward_net = reward_net.eval()
+        self.reward_net = reward_net.eval() if isinstance(reward_net, nn.Module) else reward_net
         self._last_obs: Any = None
 
     def reset(self, **kwargs: Any):
@@ -157,7 +161,8 @@ class LearnedRewardWrapper(gym.Wrapper):
 
     def step(self, action: Any):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        learned = float(self.reward_net.predict(self._last_obs, np.asarray(action)))
+        learned = float(np.asarray(self.reward_net.predict(self._last_obs, np.asarray(action), obs,
+                                                           np.asarray(terminated))).reshape(-1)[0])
         info = dict(info, true_reward=reward)
         self._last_obs = obs
         return obs, learned, terminated, truncated, info

@@ -1,0 +1,213 @@
+"""Online reward transfer: Stable-Baselines3 SAC trained from scratch on a reward source.
+
+    python -m bench.datasets --manifest ../shared/experts/experts.json --out DATA
+    python -m bench.run ... --checkpoints CKPT          # the BiCQL-ML / IQ-Learn cells
+    python -m bench.transfer_online --manifest ../shared/experts/experts.json --data DATA \\
+        --checkpoints CKPT --results bench/results/transfer_online.jsonl
+
+A run is (task, reward source, seed). SAC trains in ``gym.make(env_id, **env_kwargs)``
+with its reward replaced by the source's, for ``--steps`` environment steps (default
+100k), and every ``--eval-every`` steps its deterministic actions are scored on the
+*true* reward: the protocol's reset seeds 10000..10009, normalised by the task's
+reference returns. Every source gets the same SAC settings (``SAC_SETTINGS``). One JSON
+line per finished run is appended to ``--results``; runs already there are skipped.
+
+Reward sources:
+
+* ``true``: the environment's reward (the upper bound);
+* ``constant``: +1 per step, the survival bonus that passes for success on tasks that
+  terminate when the agent falls;
+* ``bicql:REGIME:DEMOS:N``: the ``RewardNet`` of the BiCQL-ML checkpoint ``bench.run``
+  saved for that cell and the run's seed, through ``LearnedRewardWrapper``;
+* ``iqlearn:REGIME:DEMOS:N``: IQ-Learn's recovered reward Q(s,a) - γ(1-done)V(s') of
+  that cell's checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+
+from bench.datasets import Task, read_manifest
+from bench.machine import machine
+from bench.run import EVAL_SEEDS, append_line, checkpoint_path, git_commit, versions
+from bicql_lightning import IQLearn, LearnedRewardWrapper, RewardNet
+from bicql_lightning.callbacks import normalized_score, rollout_returns
+
+DEFAULT_SOURCES = ("true", "constant", "bicql:with-mixed:sub20:1", "bicql:expert-only:full:1",
+                   "iqlearn:with-mixed:sub20:1")
+# The same for every source: SB3's SAC defaults (two 256x256 networks, Adam 3e-4, batch
+# 256, automatic entropy tuning) with the RL Zoo's MuJoCo warm-up of 10k random steps.
+SAC_SETTINGS = {"learning_starts": 10_000}
+
+
+class ConstantReward(gym.Wrapper):
+    """Reward +1 per step (the environment's own reward in ``info["true_reward"]``)."""
+
+    def step(self, action: Any):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, 1.0, terminated, truncated, dict(info, true_reward=reward)
+
+
+class IQLearnReward:
+    """IQ-Learn's recovered reward with ``RewardNet.predict``'s signature, one transition at a time."""
+
+    def __init__(self, model: IQLearn):
+        self.model = model.eval()
+
+    def predict(self, state, action, next_state, done) -> np.ndarray:
+        batch = [np.asarray(x)[None] for x in (state, action, next_state, done)]
+        return self.model.predict_reward(*batch)
+
+
+def parse_source(text: str) -> tuple[str, tuple[str, str, int] | None]:
+    """``"true"``/``"constant"``, or ``"bicql|iqlearn:REGIME:DEMOS:N"`` -> (kind, cell)."""
+    kind, _, rest = text.partition(":")
+    if kind in ("true", "constant") and not rest:
+        return kind, None
+    parts = rest.split(":")
+    if kind not in ("bicql", "iqlearn") or len(parts) != 3 or not parts[2].isdigit():
+        raise argparse.ArgumentTypeError(f"reward source {text!r}: use true, constant, bicql:REGIME:DEMOS:N or "
+                                         "iqlearn:REGIME:DEMOS:N (e.g. bicql:with-mixed:sub20:1)")
+    return kind, (parts[0], parts[1], int(parts[2]))
+
+
+def source_checkpoint(checkpoints: Path, task: Task, source: str, seed: int) -> Path | None:
+    kind, cell = parse_source(source)
+    if cell is None:
+        return None
+    regime, demos, n = cell
+    return checkpoint_path(checkpoints, task, regime, demos, n, seed, algo=kind)
+
+
+def make_env(task: Task, source: str, checkpoint: Path | None) -> gym.Env:
+    """The task's environment with the source's reward."""
+    env = task.make_env()
+    kind, _ = parse_source(source)
+    if kind == "true":
+        return env
+    if kind == "constant":
+        return ConstantReward(env)
+    if kind == "bicql":
+        return LearnedRewardWrapper(env, RewardNet.from_checkpoint(checkpoint))
+    return LearnedRewardWrapper(env, IQLearnReward(IQLearn.load_from_checkpoint(checkpoint, map_location="cpu")))
+
+
+def references(task: Task) -> tuple[float, float]:
+    """(R_random, R_expert) recorded in the task's expert dataset by ``bench.datasets``."""
+    meta = minari.load_dataset(task.dataset_id("expert-n1")).storage.metadata
+    return float(meta["ref_min_score"]), float(meta["ref_max_score"])
+
+
+def evaluate(model, task: Task, refs: tuple[float, float]) -> dict[str, float]:
+    """Deterministic actions on the true reward, one episode per protocol seed."""
+    envs = [task.make_env() for _ in range(EVAL_SEEDS[1])]
+    try:
+        returns = rollout_returns(envs, lambda obs: model.predict(obs, deterministic=True)[0],
+                                  list(range(EVAL_SEEDS[0], EVAL_SEEDS[0] + EVAL_SEEDS[1])))
+    finally:
+        for env in envs:
+            env.close()
+    ret = float(returns.mean())
+    return {"return": ret, "return_std": float(returns.std()), "normalized_score": normalized_score(ret, *refs)}
+
+
+def train(task: Task, source: str, seed: int, steps: int, eval_every: int, checkpoint: Path | None,
+          settings: dict | None = None, verbose: bool = True) -> dict:
+    """One SAC run; returns its result row (the curve holds one point per evaluation)."""
+    from stable_baselines3 import SAC
+
+    refs = references(task)
+    env = make_env(task, source, checkpoint)
+    settings = {**SAC_SETTINGS, **(settings or {})}
+    model = SAC("MlpPolicy", env, seed=seed, device="cpu", verbose=0, **settings)
+    curve, start, done = [], time.perf_counter(), 0
+    while done < steps:
+        chunk = min(eval_every, steps - done)
+        model.learn(total_timesteps=chunk, reset_num_timesteps=False)
+        done += chunk
+        point = {"steps": done, **evaluate(model, task, refs), "wall_s": round(time.perf_counter() - start, 1)}
+        curve.append(point)
+        if verbose:
+            print(f"{task.name} {source} seed={seed}: {done} steps, score={point['normalized_score']:.1f} "
+                  f"({point['wall_s']}s)", flush=True)
+    env.close()
+    scores = np.array([p["normalized_score"] for p in curve])
+    return {"task": task.name, "env_id": task.env_id, "source": source, "seed": seed, "steps": steps,
+            "eval_every": eval_every, "normalized_score": float(scores[-1]), "return": curve[-1]["return"],
+            "auc": float(scores.mean()), "curve": curve, "checkpoint": str(checkpoint) if checkpoint else None,
+            "sac_settings": settings, "random_return": refs[0], "expert_return": refs[1],
+            "wall_s": curve[-1]["wall_s"], "machine": machine(gpu_used=False, threads=True),
+            "versions": {**versions(), **_sb3_version()}, "commit": git_commit(), "protocol": 2}
+
+
+def _sb3_version() -> dict[str, str]:
+    from importlib import metadata
+    try:
+        return {"stable-baselines3": metadata.version("stable-baselines3")}
+    except metadata.PackageNotFoundError:
+        return {}
+
+
+def run_key(row: dict) -> tuple:
+    return row["task"], row["source"], row["seed"], row["steps"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--data", required=True, help="Minari root made by bench.datasets (reference returns)")
+    parser.add_argument("--results", required=True, help="JSON-lines file (appended to; resumable)")
+    parser.add_argument("--checkpoints", default=None, help="bench.run's --checkpoints folder (learned sources)")
+    parser.add_argument("--tasks", nargs="*", default=None)
+    parser.add_argument("--sources", nargs="*", default=list(DEFAULT_SOURCES))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=100_000, help="environment steps per run (default 100k)")
+    parser.add_argument("--eval-every", type=int, default=10_000)
+    parser.add_argument("--learning-starts", type=int, default=SAC_SETTINGS["learning_starts"],
+                        help="SAC's random warm-up steps (a tiny smoke run needs fewer)")
+    args = parser.parse_args(argv)
+    for source in args.sources:
+        try:
+            parse_source(source)
+        except argparse.ArgumentTypeError as err:
+            parser.error(str(err))
+    os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
+    checkpoints = Path(args.checkpoints) if args.checkpoints else None
+    results = Path(args.results)
+    done = set()
+    if results.exists():
+        done = {run_key(json.loads(line)) for line in results.read_text().splitlines() if line.strip()}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    tasks = [t for t in read_manifest(args.manifest) if args.tasks is None or t.name in args.tasks]
+    for task in tasks:
+        for seed in args.seeds:
+            for source in args.sources:
+                if (task.name, source, seed, args.steps) in done:
+                    continue
+                ckpt = None
+                if parse_source(source)[1] is not None:
+                    ckpt = source_checkpoint(checkpoints, task, source, seed) if checkpoints else None
+                    if ckpt is None or not ckpt.exists():
+                        print(f"{task.name} {source} seed={seed}: skipped, no checkpoint {ckpt} "
+                              "(run that bench.run cell with --checkpoints first)", flush=True)
+                        continue
+                torch.manual_seed(seed)
+                row = train(task, source, seed, args.steps, args.eval_every, ckpt,
+                            {"learning_starts": min(args.learning_starts, args.steps)})
+                append_line(results, json.dumps(row))
+                print(f"{task.name} {source} seed={seed}: final={row['normalized_score']:.1f} auc={row['auc']:.1f} "
+                      f"wall={row['wall_s']}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Online reward transfer: SAC/PPO trained in the environment on a learned reward
+(``examples/sac_on_learned_reward.py``, ``bench.transfer_online``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from bench import transfer_online
+from bench.datasets import Task
+from bicql_lightning import BiCQLML, IQLearn, LearnedRewardWrapper, OfflineIRLDataModule, RewardNet
+from bicql_lightning.spaces import space_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(hidden_sizes=[16, 16], reward_hidden_sizes=[16, 16], proposal_hidden_sizes=[16, 16],
+            proposal_fit_steps=10, num_action_samples=4,
+            policy={"init_args": {"num_candidates": 4, "hidden_sizes": [16], "fit_steps": 10}})
+
+
+@pytest.fixture(scope="module")
+def pendulum_checkpoint(tiny_data, tmp_path_factory) -> Path:
+    """A BiCQL-ML checkpoint trained for 20 updates on the tiny Pendulum data."""
+    path = tmp_path_factory.mktemp("ckpt") / "bicql.ckpt"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", str(tiny_data.root))
+        pl.seed_everything(0, verbose=False)
+        dm = OfflineIRLDataModule(*tiny_data.ids("pendulum"), batch_size=16, batches_per_epoch=20, val_size=16)
+        trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
+        trainer.fit(BiCQLML(**TINY), dm)
+        trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.mark.parametrize("algo", ["sac", "ppo"])
+def test_example_script_trains_sb3_on_a_bicql_reward_and_scores_it_on_the_true_reward(pendulum_checkpoint, algo,
+                                                                                      tmp_path):
+    saved = tmp_path / "policy.zip"
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "sac_on_learned_reward.py"), str(pendulum_checkpoint),
+                          "--env", "Pendulum-v1", "--algo", algo, "--steps", "128", "--episodes", "2",
+                          "--save", str(saved)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"{algo} on the learned reward, 128 steps: true return ")
+    # Pendulum's true reward is in [-16.3, 0] per step over 200 steps.
+    assert -3300 < float(line.split("true return ")[1].split()[0]) <= 0
+    assert saved.exists()
+
+
+class RecordingReward:
+    """A reward object with imitation's ``predict(state, action, next_state, done)``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def predict(self, state, action, next_state, done):
+        self.calls.append((state, action, next_state, done))
+        return np.array([float(np.sum(next_state) - np.sum(state))])
+
+
+def test_learned_reward_wrapper_gives_a_reward_object_the_whole_transition():
+    reward = RecordingReward()
+    env = LearnedRewardWrapper(gym.make("Pendulum-v1"), reward)
+    plain = gym.make("Pendulum-v1")
+    obs, _ = env.reset(seed=1)
+    plain.reset(seed=1)
+    for a in (0.5, -1.0, 2.0):
+        before = obs
+        obs, r, terminated, truncated, info = env.step(np.array([a], np.float32))
+        _, true_r, *_ = plain.step(np.array([a], np.float32))
+        state, action, next_state, done = reward.calls[-1]
+        np.testing.assert_array_equal(state, before)
+        np.testing.assert_array_equal(next_state, obs)
+        assert float(action[0]) == a and bool(done) is terminated
+        assert r == pytest.approx(float(np.sum(obs) - np.sum(before)), abs=1e-6)
+        assert info["true_reward"] == true_r
+
+
+def test_iqlearn_adapter_is_iqlearns_batched_reward_one_transition_at_a_time():
+    env = gym.make("Pendulum-v1")
+    torch.manual_seed(0)
+    model = IQLearn(spaces=space_spec(env.observation_space, env.action_space), hidden_sizes=[16],
+                    actor_hidden_sizes=[16])
+    rng = np.random.default_rng(0)
+    obs, next_obs = rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
+    act, done = rng.uniform(-2, 2, size=(5, 1)).astype(np.float32), np.array([0, 0, 1, 0, 1], np.float32)
+    batched = model.predict_reward(obs, act, next_obs, done)
+    adapter = transfer_online.IQLearnReward(model)
+    one_by_one = [float(adapter.predict(obs[i], act[i], next_obs[i], done[i])[0]) for i in range(5)]
+    np.testing.assert_allclose(one_by_one, batched, rtol=1e-5, atol=1e-5)
+
+
+def test_constant_source_pays_one_per_step_and_keeps_the_true_reward():
+    env = transfer_online.ConstantReward(gym.make("Pendulum-v1"))
+    env.reset(seed=0)
+    _, r, _, _, info = env.step(np.array([0.0], np.float32))
+    assert r == 1.0 and info["true_reward"] < 0
+
+
+@pytest.mark.parametrize("text, parsed", [("true", ("true", None)), ("constant", ("constant", None)),
+                                          ("bicql:with-mixed:sub20:1", ("bicql", ("with-mixed", "sub20", 1))),
+                                          ("iqlearn:expert-only:full:10", ("iqlearn", ("expert-only", "full", 10)))])
+def test_reward_sources_parse(text, parsed):
+    assert transfer_online.parse_source(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["bicql", "bc:with-mixed:sub20:1", "bicql:with-mixed:1", "true:x"])
+def test_an_unknown_reward_source_is_refused_with_the_forms_that_work(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="use true, constant, bicql:REGIME:DEMOS:N"):
+        transfer_online.parse_source(text)
+
+
+def test_a_run_records_one_true_reward_evaluation_per_interval(pendulum_checkpoint, monkeypatch, tmp_path):
+    ckpt_dir = tmp_path / "ckpts"
+    ckpt_dir.mkdir()
+    task = Task(name="pendulum", env_id="Pendulum-v1", env_kwargs={}, expert_file=tmp_path / "unused.npz")
+    target = transfer_online.source_checkpoint(ckpt_dir, task, "bicql:with-mixed:sub20:1", seed=0)
+    assert target.name == "bicql_pendulum_with-mixed_sub20_n1_seed0.ckpt"  # the name bench.run saves under
+    target.write_bytes(pendulum_checkpoint.read_bytes())
+    monkeypatch.setattr(transfer_online, "references", lambda task: (-1200.0, -150.0))
+    torch.set_num_threads(1)
+    row = transfer_online.train(task, "bicql:with-mixed:sub20:1", 0, steps=120, eval_every=60, checkpoint=target,
+                                settings={"learning_starts": 40}, verbose=False)
+    assert [p["steps"] for p in row["curve"]] == [60, 120]
+    scores = [p["normalized_score"] for p in row["curve"]]
+    assert all(np.isfinite(scores))
+    for p in row["curve"]:
+        assert p["normalized_score"] == pytest.approx(100 * (p["return"] + 1200) / 1050)
+    assert row["normalized_score"] == scores[-1] and row["auc"] == pytest.approx(np.mean(scores))
+    assert row["source"] == "bicql:with-mixed:sub20:1" and row["sac_settings"]["learning_starts"] == 40
+    json.dumps(row)  # one JSON line
+    # The reward SAC saw is the checkpoint's RewardNet.
+    env = transfer_online.make_env(task, "bicql:with-mixed:sub20:1", target)
+    net = RewardNet.from_checkpoint(target)
+    obs, _ = env.reset(seed=0)
+    _, r, *_ = env.step(np.array([1.0], np.float32))
+    assert r == pytest.approx(float(net.predict(obs, np.array([1.0], np.float32))), abs=1e-6)

@@ -39,6 +39,7 @@ import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.run import choose_precision
 from bicql_lightning import BiCQLML, OfflineIRLDataModule, TargetNetworkUpdate, load_transitions
 
 BATCH = 256
@@ -171,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=100, help="updates per timed window")
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--precision", default="auto",
+                        help="BiCQL-ML's trainer precision (e.g. 32-true, bf16-mixed); 'auto' (default) keeps "
+                             "configs/bench/bicql.yaml's, except bf16 on a CPU without bf16 arithmetic, which "
+                             "runs 32-true as bench.run trains it there. d3rlpy always runs in float32.")
     parser.add_argument("--levers", action="store_true", help="also time the settings without each speed lever")
     parser.add_argument("--out", default=None, help="JSON file for the figures")
     args = parser.parse_args(argv)
@@ -178,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     dataset_id = f"bench/{args.task}/expert-n10-v0"
     device = "cuda:0" if args.accelerator == "gpu" else "cpu:0"
     model_kwargs, precision = benchmark_settings()
+    precision = choose_precision({"accelerator": "cpu" if args.accelerator == "cpu" else "gpu",
+                                  "precision": precision}, args.precision)
     peaks = {"32-true": matmul_gflops(device.split(":")[0], torch.float32),
              "bf16-mixed": matmul_gflops(device.split(":")[0], torch.bfloat16)}
     rows = lever_settings(model_kwargs, precision) if args.levers else lever_settings(model_kwargs, precision)[:1]

@@ -64,3 +64,29 @@ def test_main_writes_the_npz_and_manifest_entry_and_refuses_to_overwrite(tmp_pat
     with pytest.raises(SystemExit, match="exists already"):
         main(["--pkl", str(pkl), "--name", "walker", "--env-id", "Walker2d-v5", "--out", str(out)])
     assert (out / "walker.npz").read_bytes() == before
+
+
+def test_medium_policy_is_copied_beside_the_expert_and_named_in_its_entry(tmp_path):
+    data, _ = cs285_pickle(np.random.default_rng(3))
+    pkl = tmp_path / "Walker.pkl"
+    pkl.write_bytes(pickle.dumps(data))
+    medium = tmp_path / "walker_medium_src.npz"
+    np.savez(medium, **convert(cs285_pickle(np.random.default_rng(4))[0]))
+    other = tmp_path / "other.npz"
+    np.savez(other, **convert(cs285_pickle(np.random.default_rng(5), obs_dim=5)[0]))
+    out = tmp_path / "experts"
+    main(["--pkl", str(pkl), "--name", "walker", "--env-id", "Walker2d-v5", "--out", str(out)])
+    with pytest.raises(SystemExit, match="observation/action sizes 5/2, but walker's expert has 3/2"):
+        main(["--name", "walker", "--medium", str(other), "--out", str(out)])
+    assert "medium" not in json.loads((out / "experts.json").read_text())["walker"]
+    main(["--name", "walker", "--medium", str(medium), "--out", str(out)])  # added to the existing entry
+    entry = json.loads((out / "experts.json").read_text())["walker"]
+    assert entry["medium"] == "walker_medium.npz" and entry["env_id"] == "Walker2d-v5"
+    assert (out / "walker_medium.npz").read_bytes() == medium.read_bytes()
+    with pytest.raises(SystemExit, match="exists already"):
+        main(["--name", "walker", "--medium", str(medium), "--out", str(out)])
+    # With the pickle, in one call; bench.datasets then reads the medium policy from the manifest.
+    main(["--pkl", str(pkl), "--name", "ant", "--env-id", "Ant-v4", "--medium", str(medium), "--out", str(out)])
+    from bench.datasets import read_manifest
+    tasks = {t.name: t for t in read_manifest(out / "experts.json")}
+    assert tasks["ant"].medium_file == out / "ant_medium.npz" and tasks["walker"].medium_file.exists()

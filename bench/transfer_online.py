@@ -122,8 +122,12 @@ def evaluate(model, task: Task, refs: tuple[float, float]) -> dict[str, float]:
 
 
 def train(task: Task, source: str, seed: int, steps: int, eval_every: int, checkpoint: Path | None,
-          settings: dict | None = None, verbose: bool = True) -> dict:
-    """One SAC run; returns its result row (the curve holds one point per evaluation)."""
+          settings: dict | None = None, verbose: bool = True, progress: Path | None = None) -> dict:
+    """One SAC run; returns its result row (the curve holds one point per evaluation).
+
+    ``progress``: a JSON file rewritten after every evaluation with the curve so far, so a
+    run stopped early still shows how far it got (the results file gets finished runs only).
+    """
     from stable_baselines3 import SAC
 
     refs = references(task)
@@ -137,6 +141,10 @@ def train(task: Task, source: str, seed: int, steps: int, eval_every: int, check
         done += chunk
         point = {"steps": done, **evaluate(model, task, refs), "wall_s": round(time.perf_counter() - start, 1)}
         curve.append(point)
+        if progress is not None:
+            progress.parent.mkdir(parents=True, exist_ok=True)
+            progress.write_text(json.dumps({"task": task.name, "source": source, "seed": seed, "steps": steps,
+                                            "curve": curve}) + "\n")
         if verbose:
             print(f"{task.name} {source} seed={seed}: {done} steps, score={point['normalized_score']:.1f} "
                   f"({point['wall_s']}s)", flush=True)
@@ -202,8 +210,10 @@ def main(argv: list[str] | None = None) -> None:
                               "(run that bench.run cell with --checkpoints first)", flush=True)
                         continue
                 torch.manual_seed(seed)
+                progress = results.parent / f"{results.stem}.progress" / f"{task.name}_{source.replace(':', '_')}_{seed}.json"
                 row = train(task, source, seed, args.steps, args.eval_every, ckpt,
-                            {"learning_starts": min(args.learning_starts, args.steps)})
+                            {"learning_starts": min(args.learning_starts, args.steps)}, progress=progress)
+                progress.unlink(missing_ok=True)
                 append_line(results, json.dumps(row))
                 print(f"{task.name} {source} seed={seed}: final={row['normalized_score']:.1f} auc={row['auc']:.1f} "
                       f"wall={row['wall_s']}s", flush=True)

@@ -166,6 +166,50 @@ def _sb3_version() -> dict[str, str]:
         return {}
 
 
+def report(rows: list[dict], out: Path) -> str:
+    """``out/curves_<task>.png`` (one line per source, mean over seeds at each evaluation) and
+    ``out/table.md``: final score and area under the curve relative to the true reward's, both
+    compared at the last evaluation every run of the task reached (runs stopped early count
+    up to where they stopped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["| task | reward source | seeds | steps compared | final normalised score | AUC / true's AUC |",
+             "|---|---|---|---|---|---|"]
+    for task in sorted({r["task"] for r in rows}):
+        task_rows = [r for r in rows if r["task"] == task]
+        common = min(r["curve"][-1]["steps"] for r in task_rows)
+        curves: dict[str, list[dict[int, float]]] = {}
+        for r in task_rows:
+            curves.setdefault(r["source"], []).append({p["steps"]: p["normalized_score"] for p in r["curve"]})
+        fig, ax = plt.subplots(figsize=(6, 4))
+        area = {}
+        for source, runs in curves.items():
+            steps = sorted(set.intersection(*(set(c) for c in runs)))
+            mean = [float(np.mean([c[s] for c in runs])) for s in steps]
+            ax.plot(steps, mean, marker="o", label=f"{source} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+            area[source] = float(np.mean([m for s, m in zip(steps, mean) if s <= common]))
+        for source, runs in curves.items():
+            final = float(np.mean([c[common] for c in runs]))
+            ratio = area[source] / area["true"] if area.get("true") else None
+            lines.append(f"| {task} | {source} | {len(runs)} | {common} | {final:.1f} | "
+                         f"{'–' if ratio is None else f'{ratio:.2f}'} |")
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("normalised score (true reward)")
+        ax.set_title(f"{task}: SAC from scratch on each reward source")
+        ax.axhline(0, color="gray", lw=0.6)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"curves_{task}.png", dpi=120)
+        plt.close(fig)
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text)
+    return text
+
+
 def run_key(row: dict) -> tuple:
     return row["task"], row["source"], row["seed"], row["steps"]
 
@@ -183,7 +227,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=10_000)
     parser.add_argument("--learning-starts", type=int, default=SAC_SETTINGS["learning_starts"],
                         help="SAC's random warm-up steps (a tiny smoke run needs fewer)")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="train nothing: write DIR/curves_<task>.png and DIR/table.md from --results (and "
+                             "--also files, e.g. runs stopped early)")
+    parser.add_argument("--also", nargs="*", default=[], help="more results files for --report")
     args = parser.parse_args(argv)
+    if args.report:
+        rows = [json.loads(line) for path in [args.results, *args.also] if Path(path).exists()
+                for line in Path(path).read_text().splitlines() if line.strip()]
+        if not rows:
+            parser.error(f"--report: {args.results} {' '.join(args.also)} hold no runs")
+        print(report(rows, Path(args.report)))
+        return
     for source in args.sources:
         try:
             parse_source(source)

@@ -146,3 +146,16 @@ def test_a_run_records_one_true_reward_evaluation_per_interval(pendulum_checkpoi
     obs, _ = env.reset(seed=0)
     _, r, *_ = env.step(np.array([1.0], np.float32))
     assert r == pytest.approx(float(net.predict(obs, np.array([1.0], np.float32))), abs=1e-6)
+
+
+def test_report_compares_sources_at_the_last_evaluation_every_run_reached(tmp_path):
+    def row(source, seed, scores):
+        return {"task": "hopper", "source": source, "seed": seed,
+                "curve": [{"steps": 10 * (i + 1), "normalized_score": s} for i, s in enumerate(scores)]}
+    rows = [row("true", 0, [0.0, 20.0, 40.0, 60.0]), row("true", 1, [10.0, 30.0, 50.0, 70.0]),
+            row("bicql:with-mixed:sub20:1", 0, [0.0, 10.0, 30.0])]  # stopped after 30 steps
+    text = transfer_online.report(rows, tmp_path)
+    # Compared at 30 steps: true's mean curve 5, 25, 45 (AUC 25); the learned reward's 0, 10, 30 (AUC 40/3).
+    assert "| hopper | true | 2 | 30 | 45.0 | 1.00 |" in text
+    assert "| hopper | bicql:with-mixed:sub20:1 | 1 | 30 | 30.0 | 0.53 |" in text
+    assert (tmp_path / "curves_hopper.png").stat().st_size > 0

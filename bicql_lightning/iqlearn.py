@@ -372,8 +372,8 @@ class IQLearn(OfflineModule):
         or arrays; ``terminated`` defaults to all false. Q and V are those of the critics'
         minimum (the online critic). For Box actions :math:`V(s')` averages
         ``num_reward_samples`` actor draws, the same fixed draws for every row, so the
-        reward is a function of the weights and of each transition alone. Identifiable, like any IRL reward, only up to
-        potential shaping.
+        reward is a function of the weights and of each transition alone. Identifiable,
+        like any IRL reward, only up to potential shaping.
         """
         def tensor(x: Any, dtype: torch.dtype | None = None) -> Tensor:
             return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, device=self.device,

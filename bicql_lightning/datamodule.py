@@ -238,6 +238,8 @@ class OfflineIRLDataModule(LightningDataModule):
                        [hp.offline_dataset] if isinstance(hp.offline_dataset, str) else list(hp.offline_dataset))
         self._ensure_quickstart(expert_ids + offline_ids)
         self.expert = load_transitions(expert_ids, hp.expert_episodes, download=hp.download)
+        # Counted before subsampling, which may drop an episode's last transition.
+        self._expert_terminations = int(self.expert.terminations.sum())
         if hp.expert_subsample:
             self.expert = subsample(self.expert, hp.expert_subsample)
         for dataset_id in offline_ids:  # checked on the metadata, before anything large is read
@@ -412,6 +414,13 @@ class OfflineIRLDataModule(LightningDataModule):
         if isinstance(index, Tensor):
             index = index.to(store.device)
         return store.pairs(index)
+
+    def terminations(self, which: str) -> int:
+        """Terminal transitions of D_E (counted before ``expert_subsample``) or of D."""
+        store = self._store(which)
+        if store is self.expert_store:
+            return self._expert_terminations
+        return int(store.fields["terminated"].sum())
 
     def episodes(self, which: str) -> Tensor:
         """The episode number of each transition of D_E or D, ``(N,)`` integers."""

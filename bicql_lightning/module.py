@@ -35,6 +35,18 @@ from .reward import CHECKPOINT_KEY, RewardNet
 from .spaces import SpaceSpec, check_spec
 
 Batch = dict[str, Tensor]
+TERMINATIONS = ("auto", "failure", "success", "neutral")
+# Offset of the bounded reward per meaning of termination, in units of reward_bound.
+TERMINATION_OFFSET = {"failure": 1.0, "success": -1.0, "neutral": 0.0}
+
+
+def resolve_termination(expert_terminations: int, offline_terminations: int) -> str:
+    """``termination="auto"``: failure when only D ends episodes by termination, else neutral.
+
+    An expert that terminates may be reaching a goal or may have fallen once; either way
+    the data do not say that ending is bad, so the loop keeps the symmetric range.
+    """
+    return "failure" if expert_terminations == 0 and offline_terminations > 0 else "neutral"
 
 
 def _cat(a: Batch, b: Batch) -> Batch:
@@ -63,6 +75,15 @@ class BiCQLML(OfflineModule):
         reward_lr: Adam learning rate of the reward network.
         reward_bound: ``b > 0`` bounds the reward as :math:`b\tanh(r/b)`, pinning the
             loop's neutral direction; ``0`` leaves it unbounded.
+        termination: what ending an episode (a terminal transition) means, which places
+            the bounded reward's range: ``"failure"`` shifts it to :math:`[0, 2b]`, so no
+            learned reward makes ending an episode early pay (falling, in locomotion);
+            ``"success"`` to :math:`[-2b, 0]`, so reaching the end sooner is better (goal
+            tasks); ``"neutral"`` keeps :math:`[-b, b]`. The expert's likelihood cannot set
+            this level where D_E never terminates: a constant per step is invisible to it
+            yet adds (episode length) x constant to every return of D. ``"auto"``: failure
+            when D has terminal transitions and D_E none (its episodes end by time limit),
+            otherwise neutral. Needs ``reward_bound > 0`` unless neutral.
         reward_on_offline: also regress the reward onto the soft advantage on the offline
             pairs, so :math:`r_\theta` is fitted wherever Q-learning bootstraps through it.
         advantage_net: the Q network whose soft advantage the reward is regressed onto:
@@ -121,6 +142,7 @@ class BiCQLML(OfflineModule):
         q_lr: float = 3e-4,
         reward_lr: float = 3e-4,
         reward_bound: float = 5.0,
+        termination: Literal["auto", "failure", "success", "neutral"] = "auto",
         reward_on_offline: bool = True,
         advantage_net: Literal["online", "target"] = "target",
         cql_value_with_data_action: bool = True,
@@ -138,7 +160,8 @@ class BiCQLML(OfflineModule):
         super().__init__()
         for name, value, allowed in (("cql_data", cql_data, ("offline", "expert", "both")),
                                      ("advantage_net", advantage_net, ("online", "target")),
-                                     ("proposal_data", proposal_data, ("expert", "offline"))):
+                                     ("proposal_data", proposal_data, ("expert", "offline")),
+                                     ("termination", termination, TERMINATIONS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         for name, value in (("q_updates", q_updates), ("reward_updates", reward_updates),
@@ -148,10 +171,14 @@ class BiCQLML(OfflineModule):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if termination in ("failure", "success") and reward_bound <= 0:
+            raise ValueError(f"termination={termination!r} shifts the bounded reward's range and needs "
+                             f"reward_bound > 0 (got {reward_bound}); use termination='neutral' for an unbounded reward.")
         check_common_hparams(gamma=gamma)
         make_policy(policy)  # a bad policy argument fails here, before any data is read
         self.save_hyperparameters()
         self._init_state()
+        self.termination: str | None = None  # termination resolved ("auto" at fit start)
         if spaces is not None:
             self._build(check_spec(dict(spaces)))
 
@@ -162,6 +189,8 @@ class BiCQLML(OfflineModule):
         self.q_net = QEnsemble(spaces, hp.hidden_sizes, ensemble_size=2)
         self.target_q_net = copy.deepcopy(self.q_net).requires_grad_(False)
         self.reward_net = RewardNet(spaces, hp.reward_hidden_sizes, hp.reward_bound)
+        if hp.termination != "auto":
+            self.set_termination(hp.termination)
         # Fitted once before training (fit_proposal), then frozen: no gradients, and not part
         # of what DDP's reducer tracks.
         self.proposal = (None if self.discrete else
@@ -177,11 +206,23 @@ class BiCQLML(OfflineModule):
         info["reward_net"] = {"spaces": dict(self.spaces), "hidden_sizes": list(self.hparams.reward_hidden_sizes),
                               "reward_bound": float(self.hparams.reward_bound)}
         info["policy_revision"] = self.policy.revision
+        info["termination"] = self.termination
         return info
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.policy.revision = int(checkpoint[CHECKPOINT_KEY].get("policy_revision", 0))
+        info = checkpoint[CHECKPOINT_KEY]
+        self.policy.revision = int(info.get("policy_revision", 0))
+        # Weights written before the option existed were trained with the symmetric range.
+        self.termination = info.get("termination", "neutral")
+
+    def set_termination(self, termination: str) -> None:
+        """Fix what termination means (``termination``'s doc) and the reward's offset with it."""
+        if termination not in TERMINATION_OFFSET:
+            raise ValueError(f"termination must be one of {', '.join(map(repr, TERMINATION_OFFSET))}, "
+                             f"got {termination!r}")
+        self.termination = termination
+        self.reward_net.offset.fill_(TERMINATION_OFFSET[termination] * self.hparams.reward_bound)
 
     # ------------------------------------------------------------------ distributed
     def _mean_over_ranks(self, metrics: losses.Metrics) -> losses.Metrics:
@@ -253,6 +294,9 @@ class BiCQLML(OfflineModule):
         if needs_statistics and datamodule is not None and hasattr(datamodule, "obs_mean"):
             # The reward network carries its own copy, so it works outside this module.
             self.reward_net.encoder.set_statistics(datamodule.obs_mean, datamodule.obs_std)
+        if self.termination is None:  # "auto", not yet resolved (a resumed run keeps its own)
+            self.set_termination(self._auto_termination(datamodule))
+
         if self.proposal is None or bool(self.proposal.fitted):
             return
         if datamodule is None or not hasattr(datamodule, "pairs"):
@@ -263,6 +307,14 @@ class BiCQLML(OfflineModule):
             # Every rank fitted the same data with the same stream; make the copies identical
             # even where a device's kernels are not bit-reproducible.
             broadcast_(list(self.proposal.parameters()), src=0)
+
+    def _auto_termination(self, datamodule: Any) -> str:
+        if self.hparams.reward_bound <= 0:
+            return "neutral"
+        if datamodule is None or not hasattr(datamodule, "terminations"):
+            raise ValueError("termination='auto' reads the data's terminal transitions: pass an OfflineIRLDataModule "
+                             "to fit, or set termination to 'failure', 'success' or 'neutral'.")
+        return resolve_termination(datamodule.terminations("expert"), datamodule.terminations("offline"))
 
     def fit_proposal(self, obs: Tensor, actions: Tensor, batch_size: int = 256) -> Tensor:
         """Fit the proposal's Gaussian by maximum likelihood, then freeze it. Returns the final NLL."""

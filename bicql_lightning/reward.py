@@ -63,18 +63,22 @@ class RewardNet(nn.Module):
     ``forward(state, action, next_state=None, done=None) -> (B,)`` (the signature of
     imitation's ``RewardNet``; this reward depends on ``(s, a)`` only), ``predict`` the
     same on numpy arrays. With ``reward_bound > 0`` the output is
-    :math:`b\tanh(\text{raw}/b)`: bounding the reward pins the neutral direction
+    :math:`b\tanh(\text{raw}/b) + o`: bounding the reward pins the neutral direction
     :math:`(Q + c, r + (1-\gamma)c)` of the bi-level loop, along which Q and r could
-    otherwise drift together without limit.
+    otherwise drift together without limit. The offset :math:`o` (a buffer, saved with
+    the weights) places that range relative to termination: :math:`o = b` keeps every
+    reward in :math:`[0, 2b]`, so ending an episode never pays (``BiCQLML``'s
+    ``termination="failure"``).
     """
 
     def __init__(self, spaces: SpaceSpec, hidden_sizes: Sequence[int] = (256, 256),
-                 reward_bound: float = 0.0):
+                 reward_bound: float = 0.0, offset: float = 0.0):
         super().__init__()
         self.spaces = check_spec(dict(spaces))
         self.discrete = self.spaces["action_kind"] == "discrete"
         self.reward_bound = float(reward_bound)
         self.hidden_sizes = list(hidden_sizes)
+        self.register_buffer("offset", torch.tensor(float(offset)))
         self.encoder = ObservationEncoder(self.spaces["obs_kind"], self.spaces["obs_dim"])
         obs_dim, act_dim = self.spaces["obs_dim"], self.spaces["action_dim"]
         if self.discrete:
@@ -88,8 +92,13 @@ class RewardNet(nn.Module):
 
     def _bound(self, raw: Tensor) -> Tensor:
         if self.reward_bound > 0:
-            return self.reward_bound * torch.tanh(raw / self.reward_bound)
-        return raw
+            raw = self.reward_bound * torch.tanh(raw / self.reward_bound)
+        return raw + self.offset.to(raw.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Weights saved before the offset existed are rewards without one.
+        state_dict.setdefault(prefix + "offset", torch.zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reward_table(self, state: Tensor) -> Tensor:
         """Rewards of every action, ``(B, A)``; Discrete action spaces only."""

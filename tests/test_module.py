@@ -152,11 +152,39 @@ def test_bounded_reward_stays_within_its_bound():
     assert r.abs().max() <= 2.0 and r.abs().max() > 1.5
 
 
+def test_termination_places_the_bounded_reward_range_and_auto_needs_an_expert_that_never_ends():
+    from bicql_lightning.module import resolve_termination
+
+    assert resolve_termination(expert_terminations=0, offline_terminations=7) == "failure"
+    assert resolve_termination(expert_terminations=1, offline_terminations=7) == "neutral"
+    assert resolve_termination(expert_terminations=0, offline_terminations=0) == "neutral"
+    batch = make_batch(BOX, batch_size=256)
+    for termination, (low, high) in (("failure", (0.0, 4.0)), ("success", (-4.0, 0.0)), ("neutral", (-2.0, 2.0))):
+        model = BiCQLML(spaces=BOX, reward_bound=2.0, termination=termination)
+        with torch.no_grad():
+            for p in model.reward_net.net.parameters():
+                p.mul_(100.0)  # saturate the tanh: both ends of the range are reached
+            r = model.reward_net(batch["obs"], batch["action"])
+        assert low <= r.min() < low + 0.5 and high - 0.5 < r.max() <= high, termination
+    with pytest.raises(ValueError, match="reward_bound"):
+        BiCQLML(spaces=BOX, reward_bound=0.0, termination="failure")
+
+
+def test_reward_weights_saved_without_an_offset_load_as_an_offset_of_zero():
+    net = RewardNet(BOX, hidden_sizes=[8], reward_bound=2.0, offset=2.0)
+    state = {k: v for k, v in net.state_dict().items() if k != "offset"}
+    fresh = RewardNet(BOX, hidden_sizes=[8], reward_bound=2.0, offset=2.0)
+    fresh.load_state_dict(state)
+    assert float(fresh.offset) == 0.0
+
+
 def test_invalid_hyperparameters_are_refused_with_their_name():
     with pytest.raises(ValueError, match="cql_data"):
         BiCQLML(spaces=DISCRETE, cql_data="everywhere")
     with pytest.raises(ValueError, match="temperature"):
         BiCQLML(spaces=DISCRETE, temperature=0.0)
+    with pytest.raises(ValueError, match="termination"):
+        BiCQLML(spaces=DISCRETE, termination="sometimes")
     with pytest.raises(ValueError, match="spaces"):
         BiCQLML(spaces={"obs_dim": 3})
 

@@ -314,6 +314,27 @@ def test_reward_net_from_checkpoint_scores_raw_observations_like_the_model(fitte
     assert net.predict(obs[0], actions[0]) == pytest.approx(want[0], abs=1e-6)  # one transition
 
 
+def test_auto_termination_reads_the_data_and_travels_with_the_checkpoint(fitted, tmp_path):
+    model, dm, trainer = fitted["model"], fitted["dm"], fitted["trainer"]
+    store = dm.offline_store.tensors
+    with torch.no_grad():
+        rewards = model.reward_net(store["obs"], store["action"])
+    bound = model.hparams.reward_bound
+    if fitted["env"] == "cartpole":
+        # The expert balances until the time limit; D's noisier episodes fall.
+        assert dm.terminations("expert") == 0 and dm.terminations("offline") > 0
+        assert model.termination == "failure" and float(model.reward_net.offset) == bound
+        assert rewards.min() >= 0.0 and rewards.max() <= 2 * bound
+    else:
+        # Pendulum never terminates: the symmetric range, no offset.
+        assert dm.terminations("offline") == 0
+        assert model.termination == "neutral" and float(model.reward_net.offset) == 0.0
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    assert float(RewardNet.from_checkpoint(path).offset) == float(model.reward_net.offset)
+    assert BiCQLML.load_from_checkpoint(path).termination == model.termination
+
+
 class PlainModule(L.LightningModule):
     def __init__(self):
         super().__init__()

@@ -132,6 +132,11 @@ def config_error(message: str) -> str:
         where = owner.group(1).rpartition(".")[2] if owner else "this part of the configuration"
         return (f"{where} has no setting {unknown.group(1)!r}: check its spelling; "
                 "`bicql fit --print_config` lists every setting with its default")
+    keys = re.findall(r'Parser key "([^"]+)":\s*\n\s*(.+)', message)
+    if len(keys) > 1:  # a bad value of a nested class's setting: name it, not the union around it
+        key, detail = keys[-1]
+        where = owner.group(1).rpartition(".")[2] + " " if owner else ""
+        return f"{where}setting {key!r}: {detail.strip()} (`bicql fit --print_config` lists every setting)"
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     detail = next((line.lstrip("- ") for line in lines[1:] if not line.startswith(("Subtypes", "Errors", "Given"))),
                   "")

@@ -68,7 +68,8 @@ def test_more_episodes_than_exist_says_how_many_there_are(tiny, tmp_path):
     (["--data.bacth_size", "8"], "unrecognized arguments: --data.bacth_size"),
     (["--model.init_args.gamma", "1.5"], "gamma must be in [0, 1)"),
     (["--model.init_args.policy", '{"class_path": "Nope"}'], "policy class_path 'Nope' is not a policy"),
-], ids=["model-key", "data-key", "bad-value", "bad-policy"])
+    (["--model.init_args.termination", "sometimes"], "BiCQLML setting 'termination': Expected a typing.Literal"),
+], ids=["model-key", "data-key", "bad-value", "bad-policy", "bad-choice"])
 def test_a_wrong_config_key_or_value_is_one_line(tiny, tmp_path, args, fragment):
     assert_one_line(fit(tiny, tmp_path, *args), fragment)
 

@@ -415,6 +415,17 @@ class OfflineIRLDataModule(LightningDataModule):
             index = index.to(store.device)
         return store.pairs(index)
 
+    def expert_in_offline(self) -> Tensor:
+        """Which of D's transitions ``(N,)`` are D_E's own (``include_expert_in_offline``
+        appends them after D's episodes), as a bool mask on D's device."""
+        store = self._store("offline")
+        mask = torch.zeros(len(store), dtype=torch.bool, device=store.device)
+        if store is self.expert_store:
+            mask[:] = True
+        elif self.hparams.include_expert_in_offline:
+            mask[len(store) - len(self.expert_store):] = True
+        return mask
+
     def terminations(self, which: str) -> int:
         """Terminal transitions of D_E (counted before ``expert_subsample``) or of D."""
         store = self._store(which)

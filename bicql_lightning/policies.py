@@ -63,14 +63,19 @@ def batch_observations(obs: np.ndarray | Tensor, obs_kind: str, device: torch.de
     return (obs_t.unsqueeze(0) if single else obs_t), single
 
 
-def expert_like_episodes(reward: Tensor, episode: Tensor, expert_level: Tensor | float, fraction: float) -> Tensor:
+def expert_like_episodes(reward: Tensor, episode: Tensor, expert_level: Tensor | float, fraction: float,
+                         demonstration: Tensor | None = None) -> Tensor:
     r"""Which transitions ``(N,)`` of D belong to episodes the learned reward ranks as expert-like.
 
     An episode is kept when its mean learned reward per transition :math:`\bar r_k` reaches
     :math:`\bar r_D + f(\bar r_E - \bar r_D)`, with :math:`\bar r_D` the mean over D's
     transitions, :math:`\bar r_E` = ``expert_level`` (the mean over D_E's) and :math:`f` =
-    ``fraction``. A per-transition mean, so that episodes of any length compare; the episode
-    with the highest mean is always kept. ``reward`` ``(N,)``, ``episode`` ``(N,)`` integer ids.
+    ``fraction``. A per-transition mean, so that episodes of any length compare. The
+    logged episode with the highest mean is always kept, and so are D_E's own transitions
+    (``demonstration``, ``(N,)`` bool, where D holds them): ranking them with the logged
+    episodes would let a subsampled demonstration, one short episode of expert pairs, be
+    the only one kept, and the refit would clone its few pairs (hopper sub20 seed 1: 3.1).
+    ``reward`` ``(N,)``, ``episode`` ``(N,)`` integer ids.
     """
     reward = reward.double()
     episode = episode.long().to(reward.device)
@@ -80,8 +85,14 @@ def expert_like_episodes(reward: Tensor, episode: Tensor, expert_level: Tensor |
     means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, -torch.inf))  # (K,)
     level = reward.mean()
     keep = means >= level + fraction * (torch.as_tensor(expert_level, dtype=torch.float64) - level)
-    keep[means.argmax()] = True
-    return keep[episode]
+    logged = counts > 0
+    if demonstration is not None:
+        demonstration = demonstration.to(reward.device)
+        logged[episode[demonstration]] = False
+    keep[torch.where(logged, means, torch.full_like(means, -torch.inf)).argmax() if logged.any()
+         else means.argmax()] = True
+    kept = keep[episode]
+    return kept if demonstration is None else kept | demonstration
 
 
 class QPolicy(nn.Module):
@@ -308,8 +319,9 @@ class TiltedPriorPolicy(QPolicy):
             n = data.num_transitions(which)
             return torch.cat([reward(*data.pairs(which, slice(i, i + chunk))) for i in range(0, n, chunk)])
 
+        demonstration = data.expert_in_offline() if hasattr(data, "expert_in_offline") else None
         keep = expert_like_episodes(rewards("offline"), data.episodes("offline"),
-                                    rewards("expert").double().mean(), self.expert_like_fraction)
+                                    rewards("expert").double().mean(), self.expert_like_fraction, demonstration)
         index = keep.nonzero().squeeze(1)  # only the kept pairs are gathered
         self._fit(self.relabeled_prior, *data.pairs("offline", index), generator)
         self.relabeled.fill_(True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bicql_lightning import BiCQLML, BoltzmannPolicy, GaussianPolicy, TiltedPriorPolicy
+from bicql_lightning import OfflineIRLDataModule
 from bicql_lightning.policies import GREEDY_NOISE_SEED, expert_like_episodes, make_policy
 from test_module import BOX, DISCRETE, make_batch
 
@@ -166,6 +167,29 @@ def test_refit_clones_the_episodes_the_learned_reward_ranks_as_expert_like():
     fresh = tilted_model()
     assert fresh.policy.refit(FakeData((obs, actions)), lambda o, a: a.sum(-1), torch.Generator()) == {}
     assert fresh.policy.acting_prior is fresh.policy.prior and fresh.policy.revision == 0
+
+
+def test_demonstration_pairs_in_d_are_always_kept_and_never_crowd_out_the_best_logged_episode():
+    # Episodes 0..2 logged (means 1.0, 2.5, -2.0), episode 3 = D_E's two pairs (mean 5.0).
+    reward = torch.tensor([0.0, 2.0, 2.0, 3.0, -2.0, 5.0, 5.0])
+    episode = torch.tensor([0, 0, 1, 1, 2, 3, 3], dtype=torch.int32)
+    demonstration = torch.tensor([False] * 5 + [True] * 2)
+    # D's mean 2.14, expert level 5, f = 0.5 -> threshold 3.57: no logged episode reaches it.
+    alone = expert_like_episodes(reward, episode, 5.0, 0.5)
+    assert alone.tolist() == [False] * 5 + [True] * 2  # ranked with the rest, D_E's pairs are all that is kept
+    kept = expert_like_episodes(reward, episode, 5.0, 0.5, demonstration)
+    assert kept.tolist() == [False, False, True, True, False, True, True]  # + the best logged episode
+
+
+def test_the_data_module_marks_the_demonstration_pairs_it_appended_to_d(tiny):
+    dm = OfflineIRLDataModule(*tiny.ids("pendulum"), expert_subsample=20)
+    mask = dm.expert_in_offline()
+    assert int(mask.sum()) == dm.num_transitions("expert") and mask[-dm.num_transitions("expert"):].all()
+    obs_d, act_d = dm.pairs("offline", mask.nonzero().squeeze(1))
+    obs_e, act_e = dm.pairs("expert")
+    assert torch.equal(obs_d, obs_e) and torch.equal(act_d, act_e)
+    alone = OfflineIRLDataModule(*tiny.ids("pendulum"), include_expert_in_offline=False)
+    assert not alone.expert_in_offline().any()
 
 
 def test_expert_like_episodes_keeps_the_episodes_whose_mean_learned_reward_reaches_the_threshold():

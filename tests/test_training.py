@@ -276,10 +276,17 @@ def test_after_training_the_prior_is_refitted_to_the_episodes_the_reward_ranks_e
     assert bool(model.policy.relabeled) and model.policy.revision == 1
     # The last update's evaluation came before the refit: the final one was run again after it.
     assert evaluation.last["policy_revision"] == 1 and evaluation.last["updates"] == 2 * UPDATES
-    # D = 3 random episodes + the 2 expert ones: the expert ones are the episodes kept.
+    # D = 3 random episodes + the 2 expert ones: the expert ones are kept, and of the logged
+    # ones the episode the reward ranks highest.
     obs, actions = dm.pairs("offline")
-    expert_rows = dm.episodes("offline") >= 3
-    assert float(trainer.callback_metrics["policy/relabeled_share"]) == pytest.approx(float(expert_rows.float().mean()))
+    episodes = dm.episodes("offline")
+    expert_rows = episodes >= 3
+    assert torch.equal(expert_rows, dm.expert_in_offline())
+    per_step = pendulum_reward(obs, actions).double()
+    means = torch.stack([per_step[episodes == k].mean() for k in range(3)])
+    best = episodes == int(means.argmax())
+    want = float((expert_rows | best).float().mean())
+    assert float(trainer.callback_metrics["policy/relabeled_share"]) == pytest.approx(want)
     with torch.no_grad():  # negative log-likelihood of the demonstrations' actions
         nll = [float(prior.loss(model.encoder(obs[expert_rows]), actions[expert_rows])[0])
                for prior in (model.policy.relabeled_prior, model.policy.prior)]

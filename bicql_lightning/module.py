@@ -35,9 +35,9 @@ from .reward import CHECKPOINT_KEY, RewardNet
 from .spaces import SpaceSpec, check_spec
 
 Batch = dict[str, Tensor]
-TERMINATIONS = ("auto", "failure", "success", "neutral")
 # Offset of the bounded reward per meaning of termination, in units of reward_bound.
 TERMINATION_OFFSET = {"failure": 1.0, "success": -1.0, "neutral": 0.0}
+TERMINATIONS = ("auto", *TERMINATION_OFFSET)
 
 
 def resolve_termination(expert_terminations: int, offline_terminations: int) -> str:
@@ -296,7 +296,6 @@ class BiCQLML(OfflineModule):
             self.reward_net.encoder.set_statistics(datamodule.obs_mean, datamodule.obs_std)
         if self.termination is None:  # "auto", not yet resolved (a resumed run keeps its own)
             self.set_termination(self._auto_termination(datamodule))
-
         if self.proposal is None or bool(self.proposal.fitted):
             return
         if datamodule is None or not hasattr(datamodule, "pairs"):

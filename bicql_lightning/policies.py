@@ -89,8 +89,7 @@ def expert_like_episodes(reward: Tensor, episode: Tensor, expert_level: Tensor |
     if demonstration is not None:
         demonstration = demonstration.to(reward.device)
         logged[episode[demonstration]] = False
-    keep[torch.where(logged, means, torch.full_like(means, -torch.inf)).argmax() if logged.any()
-         else means.argmax()] = True
+    keep[(means.masked_fill(~logged, -torch.inf) if logged.any() else means).argmax()] = True
     kept = keep[episode]
     return kept if demonstration is None else kept | demonstration
 

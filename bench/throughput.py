@@ -11,6 +11,8 @@ D = D_E) with batch 256 and hidden sizes (256, 256):
   ``configs/bench/bicql.yaml`` (M sampled actions, precision, ...; K_Q = K_R = 1);
 * the same with the speed levers taken away one at a time, cumulatively (``--levers``),
   so each lever's gain is measured in the same run;
+* the benchmark's settings with other values of the module's options (``--also
+  cql_gradient_samples=1``), each printed with its own ratio to d3rlpy;
 * d3rlpy's ``CQLConfig`` updates per second (``update`` on batches it samples itself);
 * this machine's dense matmul rate (2048², float32 and bfloat16), and BiCQL-ML's
   floating-point work per iteration counted with ``torch.utils.flop_counter``, giving
@@ -25,6 +27,7 @@ without gymnasium, see the README); without it only BiCQL-ML is timed.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -84,7 +87,7 @@ class _Windows(pl.Callback):
 def benchmark_settings() -> tuple[dict, str]:
     """The model's init_args and the trainer's precision from configs/bench/bicql.yaml."""
     config = yaml.safe_load(CONFIG.read_text())
-    model = dict(config["model"]["init_args"])
+    model = dict(config["model"].get("init_args") or {})
     model.update(hidden_sizes=HIDDEN, reward_hidden_sizes=HIDDEN, q_updates=1, reward_updates=1)
     return model, str(config.get("trainer", {}).get("precision", "32-true"))
 
@@ -101,6 +104,14 @@ def lever_settings(model: dict, precision: str) -> list[tuple[str, dict, str, bo
         rows.append(("+ reward's soft values recomputed (advantage_net=online)", last_model, last_precision, True))
     rows.append(("+ separate offline and expert batches from D = D_E", last_model, last_precision, False))
     return rows
+
+
+def parse_option(text: str, parser: argparse.ArgumentParser) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or key not in inspect.signature(BiCQLML.__init__).parameters:
+        parser.error(f"--also {text!r}: expected OPTION=VALUE with OPTION a BiCQLML argument, "
+                     "e.g. cql_gradient_samples=1")
+    return key, yaml.safe_load(value)
 
 
 def time_bicql(dataset_id: str, model_kwargs: dict, precision: str, shared: bool, accelerator: str,
@@ -177,8 +188,12 @@ def main(argv: list[str] | None = None) -> None:
                              "configs/bench/bicql.yaml's, except bf16 on a CPU without bf16 arithmetic, which "
                              "runs 32-true as bench.run trains it there. d3rlpy always runs in float32.")
     parser.add_argument("--levers", action="store_true", help="also time the settings without each speed lever")
+    parser.add_argument("--also", nargs="*", default=[], metavar="OPTION=VALUE",
+                        help="also time the benchmark's settings with these BiCQLML options changed (one row each, "
+                             "values parsed as YAML), e.g. cql_gradient_samples=1")
     parser.add_argument("--out", default=None, help="JSON file for the figures")
     args = parser.parse_args(argv)
+    also = [parse_option(text, parser) for text in args.also]
     os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
     dataset_id = f"bench/{args.task}/expert-n10-v0"
     device = "cuda:0" if args.accelerator == "gpu" else "cpu:0"
@@ -188,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     peaks = {"32-true": matmul_gflops(device.split(":")[0], torch.float32),
              "bf16-mixed": matmul_gflops(device.split(":")[0], torch.bfloat16)}
     rows = lever_settings(model_kwargs, precision) if args.levers else lever_settings(model_kwargs, precision)[:1]
+    rows += [(f"benchmark settings, {key}={value}", {**model_kwargs, key: value}, precision, True)
+             for key, value in also]
     results = []
     for name, kwargs, prec, shared in rows:
         pl.seed_everything(0, verbose=False)
@@ -211,13 +228,20 @@ def main(argv: list[str] | None = None) -> None:
                f"threads={torch.get_num_threads()}"]
     line = "throughput: " + " ".join(fields)
     print(line, flush=True)
+    also_lines = []
+    for row in results[len(results) - len(also):] if also else []:
+        name = row["setting"].removeprefix("benchmark settings, ")
+        ratio = f" ratio={row['median'] / d3:.2f}" if d3_rates is not None else ""
+        also_lines.append(f"throughput[{name}]: bicql={row['median']:.1f}/s{ratio} peak_frac={row['peak_frac']:.2f} "
+                          f"gflop_per_iter={row['gflop_per_iter']:.2f}")
+        print(also_lines[-1], flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
             "task": args.task, "dataset": dataset_id, "batch": BATCH, "device": args.accelerator,
             "device_name": torch.cuda.get_device_name(0) if args.accelerator == "gpu" else "cpu",
             "threads": torch.get_num_threads(), "matmul_gflops": peaks, "bicql": results,
-            "d3rlpy_cql_rates": d3_rates, "line": line,
+            "d3rlpy_cql_rates": d3_rates, "line": line, "also_lines": also_lines,
         }, indent=2) + "\n")
 
 

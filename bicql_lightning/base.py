@@ -232,6 +232,12 @@ class OfflineModule(LightningModule):
         noise = torch.randn((local_rows * world_size, *shape), generator=self._rng(), device=self.device)
         return noise[rank * local_rows:(rank + 1) * local_rows]
 
+    def _uniform_noise(self, local_rows: int, shape: Sequence[int]) -> Tensor:
+        """Uniforms on [0, 1) ``(local_rows, *shape)``, drawn and sliced as ``_normal_noise``."""
+        world_size, rank = self._world()
+        noise = torch.rand((local_rows * world_size, *shape), generator=self._rng(), device=self.device)
+        return noise[rank * local_rows:(rank + 1) * local_rows]
+
     # ------------------------------------------------------------------ acting helpers
     def _obs_tensor(self, obs: np.ndarray | Tensor) -> tuple[Tensor, bool]:
         """Raw observation(s) as a batched tensor on the module's device, and whether it was one."""

@@ -49,6 +49,26 @@ def sampled_soft_value(q: Tensor, log_proposal: Tensor, temperature: float) -> T
     )
 
 
+def sampled_soft_value_weights(q: Tensor, log_proposal: Tensor, temperature: float) -> Tensor:
+    r""":math:`\partial V/\partial Q(s,a_j)` of :func:`sampled_soft_value`: the self-normalised
+    importance weights :math:`w_j = \operatorname{softmax}_j(Q(s,a_j)/T - \log q(a_j|s))`,
+    ``(..., M)``, summing to 1 over the last axis."""
+    return torch.softmax(q / temperature - log_proposal, dim=-1)
+
+
+def value_surrogate(value: Tensor, q_picked: Tensor, coefficients: Tensor) -> Tensor:
+    r"""A soft value whose gradient is estimated from a few of its actions.
+
+    Returns :math:`V + \sum_l c_l (Q_l - \operatorname{sg}[Q_l])`: numerically ``value``
+    (taken as a constant), with gradient :math:`\sum_l c_l \nabla Q_l`. With the picks and
+    coefficients of an importance-sampled draw from :math:`w` (``BiCQLML``'s
+    ``cql_gradient_samples``) that is an unbiased estimate of
+    :math:`\nabla V = \sum_j w_j \nabla Q_j`, at the cost of backpropagating through the
+    picked actions only. ``value``: ``(...)``; ``q_picked``, ``coefficients``: ``(..., k)``.
+    """
+    return value.detach() + (coefficients.detach() * (q_picked - q_picked.detach())).sum(-1)
+
+
 def td_target(reward: Tensor, next_value: Tensor, terminated: Tensor, gamma: float) -> Tensor:
     r"""Soft Bellman target :math:`y = r + \gamma(1-\text{terminated})\bar V(s')`.
 

@@ -261,3 +261,43 @@ def test_cql_value_with_data_action_puts_the_data_action_inside_the_partition_es
     assert torch.all(value - q_data >= bound - 1e-5)
     # and with the samples' terms added it is strictly above that bound.
     assert torch.all(value - q_data > bound + 1e-6)
+
+
+@pytest.mark.parametrize("with_data", [True, False], ids=["data-action-in-partition", "samples-only"])
+def test_cql_gradient_samples_keep_the_soft_value_and_estimate_its_gradient_without_bias(with_data):
+    torch.manual_seed(0)
+    kwargs = dict(spaces=BOX, hidden_sizes=[32, 32], num_action_samples=8, temperature=0.5, proposal_seed=3,
+                  cql_value_with_data_action=with_data)
+    exact = BiCQLML(**kwargs)
+    sampled = BiCQLML(**kwargs, cql_gradient_samples=1)
+    sampled.load_state_dict(exact.state_dict())
+    batch = make_batch(BOX, batch_size=16)
+
+    def value_and_grad(model):
+        model.zero_grad(set_to_none=True)
+        model._make_generator(7)  # the same proposal samples for both
+        q_data, value, q_ood = model._q_and_value(model.q_net, batch)
+        value.sum().backward()
+        return q_data.detach(), value.detach(), q_ood, torch.cat([p.grad.flatten() for p in model.q_net.parameters()])
+
+    q_exact, v_exact, ood_exact, g_exact = value_and_grad(exact)
+    picks = torch.Generator().manual_seed(11)
+    sampled._uniform_noise = lambda rows, shape: torch.rand((rows, *shape), generator=picks)
+    draws = [value_and_grad(sampled) for _ in range(400)]
+    # The value and the Q at the data actions are the exact ones, draw after draw.
+    for q, v, ood, _ in draws[:3]:
+        torch.testing.assert_close(v, v_exact, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(q, q_exact, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ood, ood_exact)
+    # One draw's gradient differs from V's; their mean converges to it.
+    g_mean = torch.stack([d[3] for d in draws]).mean(0)
+    one_draw_error = (draws[0][3] - g_exact).norm() / g_exact.norm()
+    mean_error = (g_mean - g_exact).norm() / g_exact.norm()
+    assert one_draw_error > 0.05
+    assert mean_error < 0.1 * one_draw_error  # 1/sqrt(400) = 0.05 expected
+    assert torch.nn.functional.cosine_similarity(g_mean, g_exact, dim=0) > 0.995
+
+
+def test_cql_gradient_samples_is_checked():
+    with pytest.raises(ValueError, match="cql_gradient_samples must be at least 1"):
+        BiCQLML(spaces=BOX, cql_gradient_samples=0)

@@ -41,6 +41,8 @@ class TargetNetworkUpdate(Callback):
                            batch: Any, batch_idx: int) -> None:
         if getattr(pl_module, "target_q_net", None) is None:
             return  # a module without a target network (behaviour cloning): nothing to sync
+        if getattr(pl_module, "draws_own_batches", False):
+            return  # a captured iteration (capture_graph) takes this Polyak step itself
         if self.hard_every_n_updates is not None:
             if pl_module.updates % self.hard_every_n_updates == 0:
                 polyak_update(pl_module.target_q_net, pl_module.q_net, 1.0)

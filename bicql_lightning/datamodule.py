@@ -149,7 +149,16 @@ class _BatchStream:
 
     def __iter__(self):
         for _ in range(self.length):
-            yield self.fixed if self.fixed is not None else self.datamodule.sample_batch()
+            if self.fixed is not None:
+                yield self.fixed
+            elif self._model_draws():
+                yield {}  # the model samples inside its own (captured) iteration
+            else:
+                yield self.datamodule.sample_batch()
+
+    def _model_draws(self) -> bool:
+        trainer = self.datamodule.trainer
+        return bool(getattr(trainer.lightning_module, "draws_own_batches", False)) if trainer is not None else False
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -365,6 +374,14 @@ class OfflineIRLDataModule(LightningDataModule):
             return {"offline": offline, "expert": offline}
         return {"offline": offline,
                 "expert": self.expert_store.sample(hp.expert_batch_size or hp.batch_size, self._generator, *shards)}
+
+    @property
+    def sampling_generator(self) -> torch.Generator:
+        """The generator :meth:`sample_batch` draws from (a captured iteration registers it
+        with its CUDA graph, so that each replay advances it as an eager draw would)."""
+        if self._generator is None:
+            self.setup("fit")
+        return self._generator
 
     @property
     def shared_batches(self) -> bool:

@@ -27,9 +27,10 @@ from torch import Tensor
 
 from . import losses
 from .base import OfflineModule, check_common_hparams
+from .captured import CapturedIteration
 from .densities import ActionProposal, fit_density
 from .distributed import all_reduce_mean_, broadcast_, full_precision, is_distributed
-from .networks import QEnsemble
+from .networks import QEnsemble, polyak_update
 from .policies import make_policy
 from .reward import CHECKPOINT_KEY, RewardNet
 from .spaces import SpaceSpec, check_spec
@@ -117,6 +118,13 @@ class BiCQLML(OfflineModule):
         log_every_n_updates: training metrics are logged every N updates (logging every
             update costs more than a small network's update); ``None`` follows the
             Trainer's ``log_every_n_steps``.
+        capture_graph: on a CUDA device, capture one whole training iteration (sampling
+            from the data module's device-resident data, both levels' updates with
+            capturable Adam, the target network's Polyak step, the metrics) as one CUDA
+            graph and replay it (:mod:`bicql_lightning.captured`): the same algorithm
+            without the per-kernel launch cost that bounds small networks on a large GPU.
+            One device only, data on it (``data_on_device``), ``TargetNetworkUpdate``
+            Polyak (not hard) syncing. Off CUDA the same iteration runs eagerly.
         proposal_seed: seed of the module's own random stream, which draws the proposal and
             policy fits' minibatches and the Box proposal samples of every update; ``None``
             takes the run's seed (``seed_everything``, i.e. ``PL_GLOBAL_SEED``), or 0. The
@@ -163,6 +171,7 @@ class BiCQLML(OfflineModule):
         proposal_lr: float = 1e-3,
         updates_per_sec_every: int = 100,
         log_every_n_updates: int | None = None,
+        capture_graph: bool = False,
         proposal_seed: int | None = None,
     ):
         super().__init__()
@@ -188,6 +197,7 @@ class BiCQLML(OfflineModule):
         self.save_hyperparameters()
         self._init_state()
         self.termination: str | None = None  # termination resolved ("auto" at fit start)
+        self._captured: CapturedIteration | None = None  # capture_graph's iteration, built at fit start
         if spaces is not None:
             self._build(check_spec(dict(spaces)))
 
@@ -284,8 +294,11 @@ class BiCQLML(OfflineModule):
         # On a GPU the update is bound by kernel launches at these sizes: one fused kernel
         # per Adam step instead of a few per parameter tensor.
         fused = self.device.type == "cuda"
-        q_opt = torch.optim.Adam(self.q_net.parameters(), lr=self.hparams.q_lr, fused=fused)
-        r_opt = torch.optim.Adam(self.reward_net.parameters(), lr=self.hparams.reward_lr, fused=fused)
+        # A replayed graph must find Adam's step counts on the device, not on the host.
+        capturable = fused and self.hparams.capture_graph
+        q_opt = torch.optim.Adam(self.q_net.parameters(), lr=self.hparams.q_lr, fused=fused, capturable=capturable)
+        r_opt = torch.optim.Adam(self.reward_net.parameters(), lr=self.hparams.reward_lr, fused=fused,
+                                 capturable=capturable)
         return q_opt, r_opt
 
     def configure_callbacks(self):
@@ -305,6 +318,7 @@ class BiCQLML(OfflineModule):
             self.reward_net.encoder.set_statistics(datamodule.obs_mean, datamodule.obs_std)
         if self.termination is None:  # "auto", not yet resolved (a resumed run keeps its own)
             self.set_termination(self._auto_termination(datamodule))
+        self._captured = self._capture_iteration(datamodule) if self.hparams.capture_graph else None
         if self.proposal is None or bool(self.proposal.fitted):
             return
         if datamodule is None or not hasattr(datamodule, "pairs"):
@@ -494,7 +508,20 @@ class BiCQLML(OfflineModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Batch], batch_idx: int) -> None:
-        offline, expert = batch["offline"], batch["expert"]
+        if self._captured is not None:  # the batch is drawn inside the iteration (capture_graph)
+            metrics = {k: v.clone() for k, v in self._captured.step().items()}
+        else:
+            metrics = self._iteration(batch["offline"], batch["expert"])
+        self.updates += 1
+        rate = self._updates_per_sec()
+        if self.updates % (self.hparams.log_every_n_updates or self.trainer.log_every_n_steps) == 0:
+            metrics["train/updates_per_sec"] = rate.to(self.device)
+            metrics = self._mean_over_ranks(metrics)  # the same numbers on every rank
+            metrics["train/updates"] = torch.tensor(float(self.updates))
+            self.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def _iteration(self, offline: Batch, expert: Batch) -> losses.Metrics:
+        """The step's Q updates, then its reward updates; their last metrics (device tensors)."""
         q_opt, r_opt = self.optimizers()
         metrics: losses.Metrics = {}
 
@@ -518,14 +545,42 @@ class BiCQLML(OfflineModule):
             self.untoggle_optimizer(r_opt)
             self.after_reward_update()
         metrics.update(r_metrics)
+        return {k: v.detach() for k, v in metrics.items()}
 
-        self.updates += 1
-        rate = self._updates_per_sec()
-        if self.updates % (self.hparams.log_every_n_updates or self.trainer.log_every_n_steps) == 0:
-            metrics["train/updates_per_sec"] = rate.to(self.device)
-            metrics = self._mean_over_ranks(metrics)  # the same numbers on every rank
-            metrics["train/updates"] = torch.tensor(float(self.updates))
-            self.log_dict(metrics, on_step=True, on_epoch=False)
+    @property
+    def draws_own_batches(self) -> bool:
+        """Whether this fit's iteration samples its batches itself (``capture_graph``): the
+        data module's training stream then yields empty placeholders instead of drawing."""
+        return self._captured is not None
+
+    def _capture_iteration(self, datamodule: Any) -> CapturedIteration:
+        """``capture_graph``: the whole iteration, sampling and target sync included, as one
+        function of no inputs; the data module stops drawing batches for the trainer."""
+        from .callbacks import TargetNetworkUpdate
+
+        world_size, _ = self._world()
+        if is_distributed(world_size):
+            raise ValueError(f"capture_graph runs on one device, not {world_size} processes: drop "
+                             "capture_graph under DDP (its gradient all_reduce is outside any graph).")
+        if datamodule is None or not hasattr(datamodule, "sample_batch"):
+            raise ValueError("capture_graph draws its batches inside the iteration: fit with an OfflineIRLDataModule.")
+        syncs = [cb for cb in self.trainer.callbacks if isinstance(cb, TargetNetworkUpdate)]
+        if len(syncs) != 1 or syncs[0].hard_every_n_updates is not None:
+            raise ValueError("capture_graph puts the target network's Polyak step inside the iteration: use one "
+                             "TargetNetworkUpdate with tau (not hard_every_n_updates).")
+        tau = syncs[0].tau
+        data_generator = datamodule.sampling_generator
+        if self.device.type == "cuda" and data_generator.device.type != "cuda":
+            raise ValueError("capture_graph on a GPU samples from data on the GPU: set the data module's "
+                             "data_on_device: true (and leave room for the data there).")
+
+        def iteration() -> losses.Metrics:
+            batch = datamodule.sample_batch()
+            metrics = self._iteration(batch["offline"], batch["expert"])
+            polyak_update(self.target_q_net, self.q_net, tau)
+            return metrics
+
+        return CapturedIteration(iteration, self.device, [data_generator, self._rng()])
 
     # Hooks for variants of the algorithm (bench/variants.py); the paper's loop needs none.
     def after_q_update(self) -> None:

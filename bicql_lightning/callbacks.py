@@ -6,6 +6,7 @@ Lightning's ``global_step``, which under manual optimisation counts every optimi
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -81,7 +82,10 @@ class FitPolicy(Callback):
         policy = getattr(pl_module, "policy", None)
         if policy is None or not hasattr(policy, "refit") or not _last_epoch(trainer):
             return
-        metrics = policy.refit(trainer.datamodule, pl_module.learned_rewards, pl_module._rng())
+        kwargs = {}
+        if "advantage" in inspect.signature(policy.refit).parameters and hasattr(pl_module, "soft_advantages"):
+            kwargs["advantage"] = pl_module.soft_advantages
+        metrics = policy.refit(trainer.datamodule, pl_module.learned_rewards, pl_module._rng(), **kwargs)
         self._sync(trainer, policy)
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=False, on_epoch=True)

@@ -320,18 +320,29 @@ class ActionProposal(nn.Module):
 
 def fit_density(net: nn.Module, nll: Callable[[Tensor, Tensor], Tensor], encoder: ObservationEncoder,
                 obs: Tensor, actions: Tensor, steps: int, lr: float, generator: torch.Generator,
-                batch_size: int = 256) -> Tensor:
+                batch_size: int = 256, weights: Tensor | None = None) -> Tensor:
     """Maximum likelihood by Adam on ``nll(encoded obs, actions)`` over minibatches drawn from
-    ``generator``; ``net`` takes no gradients before or after. Returns the last minibatch's NLL."""
+    ``generator``; ``net`` takes no gradients before or after. Returns the last minibatch's NLL.
+
+    ``weights`` ``(N,)``, non-negative: a weighted likelihood, by drawing each minibatch's
+    rows with probability proportional to their weight (uniformly without weights)."""
     device = generator.device
     obs, actions = obs.to(device), actions.to(device)
+    if weights is not None:
+        weights = weights.to(device=device, dtype=torch.float32)
+        if weights.shape != (obs.shape[0],) or not bool(torch.isfinite(weights).all()) or weights.min() < 0 \
+                or weights.sum() <= 0:
+            raise ValueError(f"fit weights must be {obs.shape[0]} finite non-negative numbers, not all zero")
     net.requires_grad_(True)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     loss = torch.tensor(float("nan"))
     with torch.enable_grad():
         for _ in range(steps):
-            idx = torch.randint(0, obs.shape[0], (min(batch_size, obs.shape[0]),), device=device,
-                                generator=generator)
+            if weights is None:
+                idx = torch.randint(0, obs.shape[0], (min(batch_size, obs.shape[0]),), device=device,
+                                    generator=generator)
+            else:
+                idx = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
             loss = nll(encoder(obs[idx]), actions[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -353,6 +353,17 @@ class BiCQLML(OfflineModule):
                for i in range(0, obs.shape[0], chunk)]
         return torch.cat(out)
 
+    @torch.no_grad()
+    def soft_advantages(self, obs: Tensor, actions: Tensor, chunk: int = 1 << 13) -> Tensor:
+        r""":math:`\min_i Q_i(s,a) - V(s)` ``(N,)`` under the online twins for raw observations and
+        actions, in chunks; Box soft values from the module's stream (the default controller's
+        refit weights, :func:`~bicql_lightning.policies.advantage_weights`)."""
+        out = []
+        for i in range(0, obs.shape[0], chunk):
+            batch = {"obs": obs[i:i + chunk].to(self.device), "action": actions[i:i + chunk].to(self.device)}
+            out.append(self._min_q(batch) - self._min_soft_value(self.q_net, batch["obs"], generator=self._rng()))
+        return torch.cat(out)
+
     # ------------------------------------------------------------------ values
     def _q_and_value(self, net: QEnsemble, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Q at the data actions, soft values and mean Q over all/sampled actions, each ``(E, B)``."""

@@ -8,7 +8,7 @@ import torch
 
 from bicql_lightning import BiCQLML, BoltzmannPolicy, GaussianPolicy, TiltedPriorPolicy
 from bicql_lightning import OfflineIRLDataModule
-from bicql_lightning.policies import GREEDY_NOISE_SEED, expert_like_episodes, make_policy
+from bicql_lightning.policies import GREEDY_NOISE_SEED, advantage_weights, expert_like_episodes, make_policy
 from test_module import BOX, DISCRETE, make_batch
 
 SMALL_PRIOR = {"num_candidates": 8, "hidden_sizes": [16]}
@@ -151,7 +151,7 @@ def test_fit_recovers_the_mean_of_saturated_demonstrations_and_freezes_the_prior
 
 
 def test_refit_clones_the_episodes_the_learned_reward_ranks_as_expert_like():
-    model = tilted_model(hidden_sizes=[32], fit_steps=600, lr=3e-3)
+    model = tilted_model(hidden_sizes=[32], fit_steps=600, lr=3e-3, relabel_weights="episodes")
     # D: episode 0 acts +0.8 on both dimensions, episode 1 acts -0.8; the reward likes positive actions.
     obs = torch.randn(400, 5, generator=torch.Generator().manual_seed(1))
     actions = torch.cat([torch.full((200, 2), 0.8), torch.full((200, 2), -0.8)]) * torch.tensor([2.0, 1.0]) / 2
@@ -224,3 +224,49 @@ def test_the_policy_argument_names_a_class_and_its_arguments_and_is_checked_at_o
 def test_the_boltzmann_policy_defaults_to_the_training_temperature():
     model = BiCQLML(spaces=DISCRETE, hidden_sizes=[16], temperature=0.3, policy=BoltzmannPolicy.config())
     assert model.policy.temperature == 0.3
+
+
+def test_advantage_weights_are_the_exponentiated_standardised_advantages_clipped():
+    adv = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 100.0], dtype=torch.float64)
+    z = (adv - adv.mean()) / adv.std()
+    torch.testing.assert_close(advantage_weights(adv), torch.exp(z.clamp(max=5.0)))
+    # Invariant to the advantages' scale and level: one setting serves any task's Q values.
+    torch.testing.assert_close(advantage_weights(10 * adv - 7), advantage_weights(adv))
+    # A smaller scale sharpens them; the clip bounds the largest at e^5 times exp(0).
+    sharp = advantage_weights(adv[:5], scale=0.5)
+    assert sharp[4] / sharp[0] == pytest.approx(float(torch.exp((adv[4] - adv[0]) / (0.5 * adv[:5].std()))))
+    assert float(advantage_weights(torch.tensor([0.0] * 99 + [1e6])).max()) == pytest.approx(float(np.exp(5.0)))
+
+
+def test_the_advantage_refit_draws_the_prior_toward_the_actions_q_ranks_higher_but_keeps_the_rest():
+    # D: half the transitions act +0.4, half -0.4 on both dimensions, at the same states;
+    # the advantage favours the positive ones by one standard deviation.
+    model = tilted_model(hidden_sizes=[32], fit_steps=800, lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    obs = torch.randn(400, 5, generator=g)
+    sign = torch.cat([torch.ones(200), -torch.ones(200)])
+    actions = 0.4 * sign[:, None] * torch.tensor([2.0, 1.0]) / 2
+    data = FakeData((obs[:50], actions[:50]), (obs, actions), torch.arange(400).int())
+    model.policy.fit(data, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="needs the module's soft advantages"):
+        model.policy.refit(data, lambda o, a: a.sum(-1), torch.Generator())
+    metrics = model.policy.refit(data, lambda o, a: a.sum(-1), torch.Generator().manual_seed(0),
+                                 advantage=lambda o, a: a.sum(-1))
+    weights = advantage_weights((actions.sum(-1)))
+    assert metrics["policy/relabeled_share"] == pytest.approx(float(weights.sum() ** 2 / weights.pow(2).sum() / 400))
+    assert 0.5 < metrics["policy/relabeled_share"] < 1.0  # e^2 times the weight: a tilt, not a cut
+    assert model.policy.revision == 1 and model.policy.acting_prior is model.policy.relabeled_prior
+    # The weighted fit's mean sits between the two actions (±0.2 in the box's unit
+    # coordinates), on the favoured side: with weights e^1 against e^-1 the positive share is
+    # e^2 / (1 + e^2) = 0.88, a weighted mean of 0.76 × 0.2 = 0.152 (an unweighted fit: 0).
+    mean, _ = model.policy.acting_prior(model.encoder(obs))
+    unit = mean.mean(0)
+    assert torch.allclose(model.policy.acting_prior.to_unit(actions[:1]).abs(), torch.tensor([[0.2, 0.2]]))
+    assert 0.12 < float(unit[0]) < 0.18 and 0.12 < float(unit[1]) < 0.18
+
+
+def test_the_refit_weights_are_checked():
+    with pytest.raises(ValueError, match="relabel_weights must be 'advantage' or 'episodes'"):
+        TiltedPriorPolicy(relabel_weights="top")
+    with pytest.raises(ValueError, match="advantage_scale must be a positive number"):
+        TiltedPriorPolicy(advantage_scale=0.0)

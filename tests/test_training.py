@@ -258,6 +258,33 @@ def pendulum_reward(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     return -(theta.pow(2) + 0.1 * obs[:, 2].pow(2) + 0.001 * actions[:, 0].pow(2))
 
 
+def test_by_default_the_prior_is_refitted_to_all_of_d_weighted_by_the_modules_soft_advantages(
+        tiny, tmp_path, monkeypatch):
+    # The environment's reward stands in for the module's advantages, so the weights are known.
+    monkeypatch.setattr(BiCQLML, "soft_advantages", lambda self, obs, actions: pendulum_reward(obs, actions))
+    model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path)
+    assert bool(model.policy.relabeled) and model.policy.revision == 1
+    from bicql_lightning.policies import advantage_weights
+    weights = advantage_weights(pendulum_reward(*dm.pairs("offline")))
+    share = float(weights.sum() ** 2 / weights.pow(2).sum() / weights.numel())
+    assert float(trainer.callback_metrics["policy/relabeled_share"]) == pytest.approx(share, rel=1e-5)
+    assert 0.05 < share < 0.95  # a weighted fit to D, neither one transition nor all alike
+
+
+def test_soft_advantages_are_q_at_the_data_action_minus_the_soft_value(tiny, tmp_path):
+    model, dm, _ = tiny_fit(tiny.ids("pendulum"), tmp_path)
+    obs, actions = dm.pairs("offline")
+    model._make_generator(5)
+    adv = model.soft_advantages(obs[:64], actions[:64], chunk=16)
+    model._make_generator(5)
+    with torch.no_grad():
+        want = torch.cat([model._min_q({"obs": obs[i:i + 16], "action": actions[i:i + 16]})
+                          - model._min_soft_value(model.q_net, obs[i:i + 16], generator=model._rng())
+                          for i in range(0, 64, 16)])
+    torch.testing.assert_close(adv, want)
+    assert adv.shape == (64,) and bool(torch.isfinite(adv).all())
+
+
 def test_after_training_the_prior_is_refitted_to_the_episodes_the_reward_ranks_expert_like(
         tiny, tmp_path, monkeypatch):
     unfiltered, dm, _ = tiny_fit(tiny.ids("pendulum"), tmp_path / "a",
@@ -271,7 +298,9 @@ def test_after_training_the_prior_is_refitted_to_the_episodes_the_reward_ranks_e
             self.seen = getattr(self, "seen", []) + [bool(pl_module.policy.relabeled)]
     seen = Relabeled()
     evaluation = RolloutEvaluation(every_n_updates=UPDATES, episodes=1)
-    model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path / "b", max_epochs=2, callbacks=[seen, evaluation])
+    episodes_rule = {"policy": {"init_args": {**TINY_MODEL["policy"]["init_args"], "relabel_weights": "episodes"}}}
+    model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path / "b", max_epochs=2, callbacks=[seen, evaluation],
+                                  model_kwargs=episodes_rule)
     assert seen.seen == [False, False]  # refitted neither before training nor after the first epoch
     assert bool(model.policy.relabeled) and model.policy.revision == 1
     # The last update's evaluation came before the refit: the final one was run again after it.

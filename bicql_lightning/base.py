@@ -169,12 +169,15 @@ class OfflineModule(LightningModule):
         all_reduce_mean_([stacked], world_size)
         return dict(zip(names, stacked.unbind()))
 
-    def _finish_step(self, metrics: Metrics) -> None:
-        """Count the update and log one row every ``log_every_n_updates``."""
+    def _finish_step(self, metrics: Metrics, copy: bool = False) -> None:
+        """Count the update and log one row every ``log_every_n_updates`` (of copies of the
+        metric tensors with ``copy``, where the next update overwrites them in place)."""
         self.updates += 1
         rate = self._updates_per_sec()
         every = self.hparams.log_every_n_updates or self.trainer.log_every_n_steps
         if self.updates % every == 0:
+            if copy:
+                metrics = {k: v.clone() for k, v in metrics.items()}
             metrics["train/updates_per_sec"] = rate.to(self.device)
             metrics = self._mean_over_ranks(metrics)
             metrics["train/updates"] = torch.tensor(float(self.updates))

@@ -520,18 +520,10 @@ class BiCQLML(OfflineModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Batch], batch_idx: int) -> None:
         if self._captured is not None:  # the batch is drawn inside the iteration (capture_graph)
-            metrics = self._captured.step()
+            # The graph's own outputs: a logged row copies them before the next replay overwrites them.
+            self._finish_step(self._captured.step(), copy=True)
         else:
-            metrics = self._iteration(batch["offline"], batch["expert"])
-        self.updates += 1
-        rate = self._updates_per_sec()
-        if self.updates % (self.hparams.log_every_n_updates or self.trainer.log_every_n_steps) == 0:
-            if self._captured is not None:  # the graph's outputs: the next replay overwrites them
-                metrics = {k: v.clone() for k, v in metrics.items()}
-            metrics["train/updates_per_sec"] = rate.to(self.device)
-            metrics = self._mean_over_ranks(metrics)  # the same numbers on every rank
-            metrics["train/updates"] = torch.tensor(float(self.updates))
-            self.log_dict(metrics, on_step=True, on_epoch=False)
+            self._finish_step(self._iteration(batch["offline"], batch["expert"]))
 
     def _iteration(self, offline: Batch, expert: Batch) -> losses.Metrics:
         """The step's Q updates, then its reward updates; their last metrics (device tensors)."""

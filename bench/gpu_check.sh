@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU figures (what bench/results/*_gpu.json hold): the captured iteration checked
 # against eager training on the GPU, the throughput comparison with d3rlpy on the GPU
-# (eager and capture_graph, d3rlpy with compile_graph), and the CartPole quickstart
+# (eager and capture_graph, d3rlpy with compile_graph; K = 8 seeds batched against K = 1), and the CartPole quickstart
 # trained on the GPU, end to end.
 #   bash bench/gpu_check.sh DATA OUT      (DATA: a Minari root made by bench.datasets)
 set -euo pipefail
@@ -9,9 +9,9 @@ DATA=${1:?Minari root with bench/hopper/expert-n10-v0}
 OUT=${2:?output folder}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -m pytest -q tests/test_captured.py 2>&1 | tail -3
+python3 -m pytest -q tests/test_captured.py tests/test_seeds.py 2>&1 | tail -3
 python3 -m bench.throughput --data "$DATA" --task hopper --accelerator gpu --levers --repeats 3 --window 200 \
-    --also capture_graph=true --out "$OUT/throughput_gpu.json" 2>&1 | grep -E "^(bicql|throughput)"
+    --also capture_graph=true --seeds 8 --out "$OUT/throughput_gpu.json" 2>&1 | grep -E "^(bicql|throughput)"
 WORK=$(mktemp -d)
 export MINARI_DATASETS_PATH="$WORK/minari"
 start=$(date +%s)

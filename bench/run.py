@@ -20,6 +20,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 from importlib import metadata
 from pathlib import Path
 
@@ -138,14 +139,19 @@ def checkpoint_path(checkpoints: Path, task, regime: str, demos: str, n: int, se
     return checkpoints / f"{algo}_{task.name}_{regime}_{demos}_n{n}_seed{seed}.ckpt"
 
 
-def train_cell(task, regime: str, n: int, seed: int, config: dict, demos: str = "full"):
-    """Train one cell and evaluate its final weights: ``(model, trainer, evaluation, wall seconds)``."""
-    pl.seed_everything(seed, verbose=False)
+def cell_data(task, regime: str, n: int, seed: int, config: dict, demos: str = "full") -> OfflineIRLDataModule:
+    """The cell's data module (its generator seeded with the training seed)."""
     data_args = dict(config.get("data", {}))
     data_args.update(expert_dataset=task.dataset_id(f"expert-n{n}"),
                      offline_dataset=None if regime == "expert-only" else task.dataset_id(OFFLINE[regime]),
                      include_expert_in_offline=True, expert_subsample=SUBSAMPLE[demos], seed=seed)
-    dm = OfflineIRLDataModule(**data_args)
+    return OfflineIRLDataModule(**data_args)
+
+
+def train_cell(task, regime: str, n: int, seed: int, config: dict, demos: str = "full"):
+    """Train one cell and evaluate its final weights: ``(model, trainer, evaluation, wall seconds)``."""
+    pl.seed_everything(seed, verbose=False)
+    dm = cell_data(task, regime, n, seed, config, demos)
     model = instantiate(config["model"], spaces=dm.spaces)
     evaluation = RolloutEvaluation(every_n_updates=0, episodes=EVAL_SEEDS[1], seed=EVAL_SEEDS[0])
     trainer_args = dict(config.get("trainer", {}))
@@ -168,8 +174,45 @@ def run_cell(task, regime: str, n: int, algo: str, seed: int, config: dict, demo
     if algo in KEEP_CHECKPOINT and checkpoints is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(checkpoint_path(checkpoints, task, regime, demos, n, seed, algo))
+    return cell_row(task, regime, demos, n, algo, seed, config, model, evaluation.last, wall, int(trainer.global_step))
+
+
+def run_cells_batched(task, regime: str, n: int, seeds: list[int], config: dict, demos: str = "full",
+                      checkpoints: Path | None = None) -> list[dict]:
+    """BiCQL-ML's cell for several seeds at once (``--batch-seeds``): the replicas are built
+    and seeded as :func:`train_cell` builds each, trained as one batched computation
+    (``bicql_lightning.seeds.fit_seeds``, float32, on the config's accelerator), then each is
+    evaluated, kept and recorded as its own run; ``wall_s`` is the batch's wall time over K."""
+    from bicql_lightning.seeds import fit_seeds, save_checkpoint
+
+    trainer_args = dict(config.get("trainer", {}))
+    device = torch.device("cuda" if trainer_args.get("accelerator") in ("gpu", "cuda") else "cpu")
+    tau = next((cb.get("init_args", {}).get("tau", 0.005) for cb in trainer_args.get("callbacks", [])
+                if cb["class_path"].endswith("TargetNetworkUpdate")), 0.005)
+    models, dms = [], []
+    for seed in seeds:
+        pl.seed_everything(seed, verbose=False)
+        dms.append(cell_data(task, regime, n, seed, config, demos))
+        models.append(instantiate(config["model"], spaces=dms[-1].spaces).to(device))
+    updates = int(trainer_args.get("max_epochs", 1)) * int(config.get("data", {}).get("batches_per_epoch", 1000))
+    start = time.perf_counter()
+    fit_seeds(models, dms, seeds, updates, tau=tau)
+    wall = (time.perf_counter() - start) / len(seeds)
+    config = {**config, "trainer": {**trainer_args, "precision": "32-true"}, "batch_seeds": len(seeds)}
+    rows = []
+    for seed, model, dm in zip(seeds, models, dms):
+        result = RolloutEvaluation(every_n_updates=0, episodes=EVAL_SEEDS[1], seed=EVAL_SEEDS[0]).evaluate_module(model, dm)
+        if checkpoints is not None:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(model, str(checkpoint_path(checkpoints, task, regime, demos, n, seed)))
+        rows.append(cell_row(task, regime, demos, n, "bicql", seed, config, model, result, wall, 2 * updates))
+    return rows
+
+
+def cell_row(task, regime: str, demos: str, n: int, algo: str, seed: int, config: dict, model, result: dict,
+             wall: float, optimizer_steps: int) -> dict:
+    """The results file's line for one trained and evaluated cell."""
     trainer_args = config.get("trainer", {})
-    result = evaluation.last
     irl = getattr(model, "model_name", "") != "IQL"
     return {
         "task": task.name, "env_id": task.env_id, "regime": regime, "demos": demos, "N": n, "algo": algo,
@@ -183,7 +226,7 @@ def run_cell(task, regime: str, n: int, algo: str, seed: int, config: dict, demo
         "return_spearman_mixed": episode_return_correlation(model, task.dataset_id("mixed")),
         "return_spearman_medium": (episode_return_correlation(model, task.dataset_id("medium"))
                                    if task.medium_file is not None else None),
-        "updates": int(model.updates), "optimizer_steps": int(trainer.global_step), "wall_s": round(wall, 1),
+        "updates": int(model.updates), "optimizer_steps": optimizer_steps, "wall_s": round(wall, 1),
         "machine": machine(gpu_used=trainer_args.get("accelerator") in ("gpu", "cuda"), threads=True),
         "config": config, "versions": versions(), "commit": git_commit(), "protocol": 2,
     }
@@ -291,6 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--claims", default=None,
                         help="folder shared by several bench.run processes on one machine: each cell is "
                              "claimed by one (a file created exclusively) and skipped by the others")
+    parser.add_argument("--batch-seeds", action="store_true",
+                        help="train each BiCQL-ML cell's seeds together, as one batched computation "
+                             "(bicql_lightning.seeds; float32, on the config's accelerator), after the other cells: "
+                             "for a GPU, where one seed's update is bound by kernel launches (docs/benchmark.md)")
     args = parser.parse_args(argv)
     os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
     tier = TIERS[args.tier]
@@ -312,6 +359,18 @@ def main(argv: list[str] | None = None) -> None:
         cells.sort(key=lambda c: (c[4] == "iql_transfer", c[1] == "expert-only", -c[3],
                                   COST_RANK.get(c[4], len(COST_RANK))))
     checkpoints = Path(args.checkpoints) if args.checkpoints else results.parent / "checkpoints"
+    if args.batch_seeds:  # BiCQL-ML's cells first, a cell's seeds at once (iql_transfer needs their checkpoints)
+        batched: dict[tuple, tuple[Any, list[int]]] = {}  # (task name, regime, demos, N) -> (task, seeds)
+        for task, regime, demos, n, algo, seed in cells:
+            if algo == "bicql" and (claims is None or claim(claims / f"{task.name}_{regime}_{demos}_{n}_{algo}_{seed}")):
+                batched.setdefault((task.name, regime, demos, n), (task, []))[1].append(seed)
+        cells = [cell for cell in cells if cell[4] != "bicql"]
+        for (_, regime, demos, n), (task, seeds) in batched.items():
+            config = yaml.safe_load((Path(args.configs) / "bicql.yaml").read_text())
+            if args.accelerator:
+                config.setdefault("trainer", {})["accelerator"] = args.accelerator
+            for row in run_cells_batched(task, regime, n, seeds, config, demos, checkpoints):
+                report(results, row)
     for task, regime, demos, n, algo, seed in cells:
         if claims is not None and not claim(claims / f"{task.name}_{regime}_{demos}_{n}_{algo}_{seed}"):
             continue
@@ -329,9 +388,15 @@ def main(argv: list[str] | None = None) -> None:
                   f"of the config's {configured}" + (" (no bf16 arithmetic on this CPU)"
                                                      if args.precision == "auto" else ""), flush=True)
         row = run_cell(task, regime, n, algo, seed, config, demos, checkpoints)
-        append_line(results, json.dumps(row))
-        print(f"{task.name} {regime} {demos} N={n} {algo} seed={seed}: score={row['normalized_score']:.1f} "
-              f"corr_mixed={row['reward_corr_mixed']} updates={row['updates']} wall={row['wall_s']}s", flush=True)
+        report(results, row)
+
+
+def report(results: Path, row: dict) -> None:
+    """Append a finished cell's row and print its line."""
+    append_line(results, json.dumps(row))
+    print(f"{row['task']} {row['regime']} {row['demos']} N={row['N']} {row['algo']} seed={row['seed']}: "
+          f"score={row['normalized_score']:.1f} corr_mixed={row['reward_corr_mixed']} updates={row['updates']} "
+          f"wall={row['wall_s']}s", flush=True)
 
 
 if __name__ == "__main__":

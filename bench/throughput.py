@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.run import choose_precision
 from bicql_lightning import BiCQLML, OfflineIRLDataModule, TargetNetworkUpdate, load_transitions
+from bicql_lightning.seeds import SeedBatch, prepare
 
 BATCH = 256
 HIDDEN = [256, 256]
@@ -149,6 +150,36 @@ def count_flops(model: BiCQLML, dm: OfflineIRLDataModule, trainer: pl.Trainer) -
     return float(counter.get_total_flops())
 
 
+def time_seeds(dataset_id: str, model_kwargs: dict, num_seeds: int, device: str, repeats: int, window: int,
+               warmup: int) -> list[float]:
+    """Aggregate iterations/s (all seeds' updates counted) of ``num_seeds`` replicas trained
+    as one batched computation (:class:`~bicql_lightning.seeds.SeedBatch`, float32), in a bare
+    loop of its ``step``: sampling, both levels' updates and the Polyak step of every seed."""
+    models, dms = [], []
+    for seed in range(num_seeds):
+        pl.seed_everything(seed, verbose=False)
+        dm = OfflineIRLDataModule(expert_dataset=dataset_id, offline_dataset=None, batch_size=BATCH,
+                                  batches_per_epoch=1, seed=seed)
+        # The fits before training are not timed: short ones keep the setup quick.
+        kwargs = {**model_kwargs, "proposal_fit_steps": 200, "policy": {"init_args": {"fit_steps": 20}}}
+        models.append(BiCQLML(spaces=dm.spaces, **kwargs).to(device))
+        dms.append(dm)
+    for model, dm, seed in zip(models, dms, range(num_seeds)):
+        prepare(model, dm, seed)
+    batch = SeedBatch(models, dms)
+    for _ in range(warmup):
+        batch.step()
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(window):
+            batch.step()
+        _sync(device)
+        rates.append(num_seeds * window / (time.perf_counter() - start))
+    return rates
+
+
 def time_d3rlpy(transitions, device: str, repeats: int, window: int, warmup: int) -> list[float] | None:
     try:
         import d3rlpy
@@ -193,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--also", nargs="*", default=[], metavar="OPTION=VALUE",
                         help="also time the benchmark's settings with these BiCQLML options changed (one row each, "
                              "values parsed as YAML), e.g. cql_gradient_samples=1")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[], metavar="K",
+                        help="also time K seeds trained as one batched computation (bicql_lightning.seeds), "
+                             "each K against K = 1 of the same loop, e.g. --seeds 1 8")
     parser.add_argument("--out", default=None, help="JSON file for the figures")
     args = parser.parse_args(argv)
     also = [parse_option(text, parser) for text in args.also]
@@ -237,13 +271,23 @@ def main(argv: list[str] | None = None) -> None:
         also_lines.append(f"throughput[{name}]: bicql={row['median']:.1f}/s{ratio} peak_frac={row['peak_frac']:.2f} "
                           f"gflop_per_iter={row['gflop_per_iter']:.2f}")
         print(also_lines[-1], flush=True)
+    seed_rows = []
+    for k in sorted(set(args.seeds) | ({1} if args.seeds else set())):
+        rates = time_seeds(dataset_id, model_kwargs, k, device, args.repeats, args.window, args.warmup)
+        seed_rows.append({"num_seeds": k, "rates": rates, "aggregate": statistics.median(rates)})
+    for row in seed_rows:
+        single = seed_rows[0]["aggregate"]
+        also_lines.append(f"throughput[seeds={row['num_seeds']}]: aggregate={row['aggregate']:.1f}/s "
+                          f"per_seed={row['aggregate'] / row['num_seeds']:.1f}/s vs_seeds1={row['aggregate'] / single:.2f} "
+                          f"vs_one_process={row['aggregate'] / bicql:.2f} precision=32-true device={args.accelerator}")
+        print(also_lines[-1], flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
             "task": args.task, "dataset": dataset_id, "batch": BATCH, "device": args.accelerator,
             "device_name": torch.cuda.get_device_name(0) if args.accelerator == "gpu" else "cpu",
             "threads": torch.get_num_threads(), "matmul_gflops": peaks, "bicql": results,
-            "d3rlpy_cql_rates": d3_rates, "line": line, "also_lines": also_lines,
+            "d3rlpy_cql_rates": d3_rates, "seeds": seed_rows, "line": line, "also_lines": also_lines,
         }, indent=2) + "\n")
 
 

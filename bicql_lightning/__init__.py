@@ -12,6 +12,7 @@ from .module import BiCQLML
 from .networks import EnsembleLinear, ObservationEncoder, QEnsemble, polyak_update
 from .policies import BoltzmannPolicy, QPolicy, TiltedPriorPolicy
 from .reward import CheckpointError, LearnedRewardWrapper, RewardNet
+from .seeds import SeedBatch, fit_seeds
 from .spaces import SpaceSpec, space_spec
 from . import tabular  # noqa: F401 - registers the tabular MDPs' Gymnasium ids
 
@@ -21,7 +22,7 @@ __all__ = [
     "ActionProposal", "AtomicCheckpointIO", "BehaviorCloning", "BiCQLML", "BoltzmannPolicy", "CheckpointError",
     "DatasetError", "EnsembleLinear", "FitPolicy", "GaussianPolicy", "IQL", "IQLearn", "LearnedRewardWrapper",
     "ObservationEncoder", "OfflineIRLDataModule", "QEnsemble", "QPolicy", "RewardNet", "RolloutEvaluation",
-    "TiltedPriorPolicy", "SpaceSpec", "TargetNetworkUpdate", "TransitionStore",
-    "Transitions", "collect_dataset", "evaluate_policy", "load_transitions", "normalized_score",
+    "SeedBatch", "TiltedPriorPolicy", "SpaceSpec", "TargetNetworkUpdate", "TransitionStore",
+    "Transitions", "collect_dataset", "evaluate_policy", "fit_seeds", "load_transitions", "normalized_score",
     "polyak_update", "space_spec",
 ]

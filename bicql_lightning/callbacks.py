@@ -82,13 +82,20 @@ class FitPolicy(Callback):
         policy = getattr(pl_module, "policy", None)
         if policy is None or not hasattr(policy, "refit") or not _last_epoch(trainer):
             return
-        kwargs = {}
-        if "advantage" in inspect.signature(policy.refit).parameters and hasattr(pl_module, "soft_advantages"):
-            kwargs["advantage"] = pl_module.soft_advantages
-        metrics = policy.refit(trainer.datamodule, pl_module.learned_rewards, pl_module._rng(), **kwargs)
+        metrics = refit_policy(pl_module, trainer.datamodule)
         self._sync(trainer, policy)
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=False, on_epoch=True)
+
+
+def refit_policy(pl_module: LightningModule, datamodule: Any) -> dict[str, Any]:
+    """``policy.refit`` with the module's final learned reward (and soft advantages, where
+    the policy's refit takes them), from the module's stream: FitPolicy's end of training."""
+    policy = pl_module.policy
+    kwargs = {}
+    if "advantage" in inspect.signature(policy.refit).parameters and hasattr(pl_module, "soft_advantages"):
+        kwargs["advantage"] = pl_module.soft_advantages
+    return policy.refit(datamodule, pl_module.learned_rewards, pl_module._rng(), **kwargs)
 
 
 def _last_epoch(trainer: Trainer) -> bool:
@@ -174,10 +181,10 @@ class RolloutEvaluation(Callback):
         self.at_end = at_end
         self.last: dict[str, Any] | None = None
 
-    def _make_env(self, trainer: Trainer) -> gym.Env:
+    def _make_env(self, datamodule: Any) -> gym.Env:
         if self.env_id is not None:
             return gym.make(self.env_id, **self.env_kwargs)
-        spec = getattr(trainer.datamodule, "env_spec", None)
+        spec = getattr(datamodule, "env_spec", None)
         if spec is None:
             raise ValueError(
                 "RolloutEvaluation cannot tell which environment to run: the expert dataset "
@@ -185,39 +192,42 @@ class RolloutEvaluation(Callback):
             )
         return gym.make(spec, **self.env_kwargs)
 
-    def _references(self, trainer: Trainer) -> tuple[float | None, float | None]:
-        dm_random, dm_expert = getattr(trainer.datamodule, "ref_scores", (None, None))
+    def _references(self, datamodule: Any) -> tuple[float | None, float | None]:
+        dm_random, dm_expert = getattr(datamodule, "ref_scores", (None, None))
         random_return = self.random_return if self.random_return is not None else dm_random
         expert_return = self.expert_return if self.expert_return is not None else dm_expert
         return random_return, expert_return
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         """Roll out on rank 0 and broadcast, so every rank logs the same numbers."""
-        result = None
-        if trainer.is_global_zero:
-            envs = [self._make_env(trainer) for _ in range(self.episodes)]
-            threads = torch.get_num_threads()
-            # Rollout batches are a handful of observations: intra-op threads only add
-            # wake-up latency (tens of ms per call when the other cores are busy).
-            torch.set_num_threads(1)
-            try:
-                returns = rollout_returns(envs, lambda obs: pl_module.act(obs, deterministic=self.deterministic),
-                                          seeds=list(range(self.seed, self.seed + self.episodes)))
-            finally:
-                torch.set_num_threads(threads)
-                for env in envs:
-                    env.close()
-            random_return, expert_return = self._references(trainer)
-            mean = float(np.mean(returns))
-            result = {"updates": int(pl_module.updates), "policy_revision": _revision(pl_module),
-                      "updates_per_sec": float(getattr(pl_module, "updates_per_sec", float("nan"))),
-                      "return": mean, "return_std": float(np.std(returns)),
-                      "returns": [float(r) for r in returns], "random_return": random_return,
-                      "expert_return": expert_return,
-                      "normalized_score": normalized_score(mean, random_return, expert_return)}
+        result = self.evaluate_module(pl_module, trainer.datamodule) if trainer.is_global_zero else None
         result = trainer.strategy.broadcast(result, src=0)
         self.last = result
         return result
+
+    def evaluate_module(self, pl_module: LightningModule, datamodule: Any = None) -> dict[str, Any]:
+        """Roll out ``pl_module.act`` in this process, without a Trainer (``datamodule``
+        names the environment and the reference returns unless given here)."""
+        envs = [self._make_env(datamodule) for _ in range(self.episodes)]
+        threads = torch.get_num_threads()
+        # Rollout batches are a handful of observations: intra-op threads only add
+        # wake-up latency (tens of ms per call when the other cores are busy).
+        torch.set_num_threads(1)
+        try:
+            returns = rollout_returns(envs, lambda obs: pl_module.act(obs, deterministic=self.deterministic),
+                                      seeds=list(range(self.seed, self.seed + self.episodes)))
+        finally:
+            torch.set_num_threads(threads)
+            for env in envs:
+                env.close()
+        random_return, expert_return = self._references(datamodule)
+        mean = float(np.mean(returns))
+        return {"updates": int(pl_module.updates), "policy_revision": _revision(pl_module),
+                "updates_per_sec": float(getattr(pl_module, "updates_per_sec", float("nan"))),
+                "return": mean, "return_std": float(np.std(returns)),
+                "returns": [float(r) for r in returns], "random_return": random_return,
+                "expert_return": expert_return,
+                "normalized_score": normalized_score(mean, random_return, expert_return)}
 
     @staticmethod
     def _metrics(result: dict[str, Any]) -> dict[str, float]:

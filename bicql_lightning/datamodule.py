@@ -303,11 +303,13 @@ class OfflineIRLDataModule(LightningDataModule):
         for dataset_id in ids:
             load_minari(dataset_id, download=hp.download)
 
-    def setup(self, stage: str) -> None:
+    def setup(self, stage: str, device: torch.device | str | None = None) -> None:
+        """``device``: the training device of a fit without a Trainer (``bicql_lightning.seeds``);
+        with a Trainer it is the trainer's."""
         self.load()
         if self.trainer is not None:
             self._configure_shards(self.trainer.world_size, self.trainer.global_rank)
-        device = self._data_device()
+        device = self._data_device(None if device is None else torch.device(device))
         stores = [self.expert_store] + ([self.offline_store] if self.offline_store is not self.expert_store else [])
         for store in stores:
             store.to(device)
@@ -327,11 +329,13 @@ class OfflineIRLDataModule(LightningDataModule):
             shard_size(hp.expert_batch_size, world_size, "expert_batch_size")
         self._world_size, self._rank = world_size, rank
 
-    def _data_device(self) -> torch.device:
-        """The training device if asked and the tensors fit there, else the CPU."""
-        if not self.hparams.data_on_device or self.trainer is None:
+    def _data_device(self, device: torch.device | None = None) -> torch.device:
+        """The training device (``device``, else the trainer's) if asked and the tensors fit
+        there, else the CPU."""
+        if device is None and self.trainer is not None:
+            device = self.trainer.strategy.root_device
+        if not self.hparams.data_on_device or device is None:
             return torch.device("cpu")
-        device = self.trainer.strategy.root_device
         if device.type == "cuda":
             need = self.expert_store.nbytes + (self.offline_store.nbytes if self.offline_store is not self.expert_store
                                                else 0)

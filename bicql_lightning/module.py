@@ -198,6 +198,7 @@ class BiCQLML(OfflineModule):
         self._init_state()
         self.termination: str | None = None  # termination resolved ("auto" at fit start)
         self._captured: CapturedIteration | None = None  # capture_graph's iteration, built at fit start
+        self._noise_tape: Any = None  # pre-drawn proposal noise while a SeedBatch runs the objectives
         if spaces is not None:
             self._build(check_spec(dict(spaces)))
 
@@ -279,10 +280,19 @@ class BiCQLML(OfflineModule):
             raise ValueError(f"segments {segments} do not add up to the {obs.shape[0]} states")
         pieces = []
         for local in segments:
-            noise = self.proposal.draw_noise(local * world_size, num, self._rng(), obs.device)
+            noise = self._draw_noise(local * world_size, num, obs.device)
             pieces.append([x[rank * local:(rank + 1) * local] for x in noise])
         noise = tuple(torch.cat(parts) for parts in zip(*pieces))
         return self.proposal.sample(obs, num, noise=noise)
+
+    def _draw_noise(self, rows: int, num: int, device: torch.device) -> tuple[Tensor, ...]:
+        """The proposal noise of one training draw: from the module's stream, or, while a
+        :class:`~bicql_lightning.seeds.SeedBatch` runs this module's objectives for many
+        seeds at once, the next entry of the noise it drew beforehand from each seed's stream."""
+        tape = self._noise_tape
+        if tape is None:
+            return self.proposal.draw_noise(rows, num, self._rng(), device)
+        return tape.take(rows, num, device)
 
     def _eval_generator(self) -> torch.Generator:
         """A fresh, fixed stream for validation: its metrics are functions of the weights,
@@ -313,22 +323,28 @@ class BiCQLML(OfflineModule):
         needs_statistics = not bool(self.reward_net.encoder.initialized)
         super().on_fit_start()  # the random stream and the Q networks' normalisation
         datamodule = getattr(self.trainer, "datamodule", None)
-        if needs_statistics and datamodule is not None and hasattr(datamodule, "obs_mean"):
-            # The reward network carries its own copy, so it works outside this module.
-            self.reward_net.encoder.set_statistics(datamodule.obs_mean, datamodule.obs_std)
-        if self.termination is None:  # "auto", not yet resolved (a resumed run keeps its own)
-            self.set_termination(self._auto_termination(datamodule))
+        self.fit_to_data(datamodule, reward_statistics=needs_statistics)
         self._captured = self._capture_iteration(datamodule) if self.hparams.capture_graph else None
+        world_size, _ = self._world()
+        if is_distributed(world_size) and self.proposal is not None:
+            # Every rank fitted the same data with the same stream; make the copies identical
+            # even where a device's kernels are not bit-reproducible.
+            broadcast_(list(self.proposal.parameters()), src=0)
+
+    def fit_to_data(self, datamodule: Any, reward_statistics: bool = True) -> None:
+        """What a fit reads from the data before its first update (also without a Trainer,
+        :func:`~bicql_lightning.seeds.fit_seeds`): the reward network's normalisation (it
+        carries its own copy, so it works outside this module), ``termination="auto"``
+        resolved (a resumed run keeps its own), and the Box proposal's fit (once)."""
+        if reward_statistics and datamodule is not None and hasattr(datamodule, "obs_mean"):
+            self.reward_net.encoder.set_statistics(datamodule.obs_mean, datamodule.obs_std)
+        if self.termination is None:
+            self.set_termination(self._auto_termination(datamodule))
         if self.proposal is None or bool(self.proposal.fitted):
             return
         if datamodule is None or not hasattr(datamodule, "pairs"):
             raise ValueError("Fitting the Box-action proposal needs the data: pass an OfflineIRLDataModule to fit.")
         self.fit_proposal(*datamodule.pairs(self.hparams.proposal_data))
-        world_size, _ = self._world()
-        if is_distributed(world_size):
-            # Every rank fitted the same data with the same stream; make the copies identical
-            # even where a device's kernels are not bit-reproducible.
-            broadcast_(list(self.proposal.parameters()), src=0)
 
     def _auto_termination(self, datamodule: Any) -> str:
         if self.hparams.reward_bound <= 0:

@@ -133,6 +133,9 @@ class SeedBatch:
         self.q_names = [n for n in params if n.startswith("model.q_net.")]
         self.reward_names = [n for n in params if n.startswith("model.reward_net.")]
         self.target_names = [n.replace("model.q_net.", "model.target_q_net.", 1) for n in self.q_names]
+        # Everything but the level being differentiated, as views of the same stacked tensors.
+        self.rest_q = {n: t for n, t in self.state.items() if n not in set(self.q_names)}
+        self.rest_r = {n: t for n, t in self.state.items() if n not in set(self.reward_names)}
         hp, fused = template.hparams, self.device.type == "cuda"
         self.q_opt = torch.optim.Adam([self.state[n] for n in self.q_names], lr=hp.q_lr, fused=fused)
         self.r_opt = torch.optim.Adam([self.state[n] for n in self.reward_names], lr=hp.reward_lr, fused=fused)
@@ -146,18 +149,16 @@ class SeedBatch:
         hp = self.models[0].hparams
         offline, expert = self._draw_batches()
         tapes = self._draw_noise()
-        rest_q = {n: t for n, t in self.state.items() if n not in set(self.q_names)}
-        rest_r = {n: t for n, t in self.state.items() if n not in set(self.reward_names)}
         next_value = vmap(self._call("next_value"))(self.state, tapes["next_value"], offline, expert)
         metrics: dict[str, Tensor] = {}
         for i in range(hp.q_updates):
-            grads, metrics_q = vmap(grad(self._loss("q", self.q_names), has_aux=True))(
-                self._part(self.q_names), rest_q, tapes[f"q{i}"], offline, expert, next_value)
+            grads, metrics_q = vmap(grad(self._loss("q"), has_aux=True))(
+                self._part(self.q_names), self.rest_q, tapes[f"q{i}"], offline, expert, next_value)
             self._apply(self.q_opt, self.q_names, grads)
         metrics.update(metrics_q)
         for i in range(hp.reward_updates):
-            grads, metrics_r = vmap(grad(self._loss("reward", self.reward_names), has_aux=True))(
-                self._part(self.reward_names), rest_r, tapes[f"reward{i}"], offline, expert, next_value)
+            grads, metrics_r = vmap(grad(self._loss("reward"), has_aux=True))(
+                self._part(self.reward_names), self.rest_r, tapes[f"reward{i}"], offline, expert, next_value)
             self._apply(self.r_opt, self.reward_names, grads)
         metrics.update(metrics_r)
         with torch.no_grad():
@@ -171,7 +172,7 @@ class SeedBatch:
             return functional_call(self.calls, state, (piece, _Tape(tape), offline, expert, self.shared, next_value))
         return run
 
-    def _loss(self, piece: str, names: list[str]) -> Callable[..., Any]:
+    def _loss(self, piece: str) -> Callable[..., Any]:
         run = self._call(piece)
 
         def loss(params, rest, tape, offline, expert, next_value):

@@ -87,6 +87,24 @@ def soft_advantage(q_data: Tensor, next_value: Tensor, terminated: Tensor, gamma
     return q_data - gamma * (1.0 - terminated.to(q_data.dtype)) * next_value
 
 
+def level_anchored_target(advantage: Tensor, reward: Tensor, gap: Tensor | None = None) -> Tensor:
+    r"""The soft advantage moved to the reward's current level: :math:`A - \mathbb E_B[A - r_\theta]`.
+
+    The expert's likelihood cannot see a constant added to every step's reward (the
+    loop's neutral direction :math:`(Q + c, r + (1-\gamma)c)`), so regressing onto
+    :math:`A` itself lets anything that biases :math:`A` against :math:`r_\theta` on
+    average, such as the target network's lag behind a rising Q, drag the reward's level
+    along that direction until its bound stops it. Regressed onto this target, the
+    reward learns :math:`A` up to a constant: a uniform shift of :math:`r_\theta` has zero
+    gradient. ``gap``: :math:`\mathbb E_B[A - r_\theta]` over the global batch where the
+    batch is split over processes (default: this batch's). All ``(B,)``; no gradient is
+    taken through the result.
+    """
+    if gap is None:
+        gap = (advantage - reward).mean()
+    return (advantage - gap).detach()
+
+
 def q_loss(q_data: Tensor, target: Tensor) -> tuple[Tensor, Metrics]:
     r"""TD regression :math:`\sum_i \mathbb E_B[(Q_i(s,a) - y)^2]`.
 

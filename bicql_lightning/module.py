@@ -85,6 +85,14 @@ class BiCQLML(OfflineModule):
             yet adds (episode length) x constant to every return of D. ``"auto"``: failure
             when D has terminal transitions and D_E none (its episodes end by time limit),
             otherwise neutral. Needs ``reward_bound > 0`` unless neutral.
+        reward_level: what sets the reward's level, a constant per step that the expert's
+            likelihood cannot see: ``"free"`` regresses :math:`r_\theta` onto the soft
+            advantage itself (the paper's), so the level drifts wherever the loop's biases
+            push it (on walker2d, to the floor of its bounded range); ``"anchored"``
+            regresses it onto the soft advantage up to a constant
+            (:func:`~bicql_lightning.losses.level_anchored_target`), so the level stays where
+            the network starts, the middle of the bounded range, and only differences
+            between pairs are learned.
         reward_on_offline: also regress the reward onto the soft advantage on the offline
             pairs, so :math:`r_\theta` is fitted wherever Q-learning bootstraps through it.
         advantage_net: the Q network whose soft advantage the reward is regressed onto:
@@ -158,6 +166,7 @@ class BiCQLML(OfflineModule):
         reward_lr: float = 3e-4,
         reward_bound: float = 5.0,
         termination: Literal["auto", "failure", "success", "neutral"] = "auto",
+        reward_level: Literal["free", "anchored"] = "free",
         reward_on_offline: bool = True,
         advantage_net: Literal["online", "target"] = "target",
         cql_value_with_data_action: bool = True,
@@ -178,7 +187,8 @@ class BiCQLML(OfflineModule):
         for name, value, allowed in (("cql_data", cql_data, ("offline", "expert", "both")),
                                      ("advantage_net", advantage_net, ("online", "target")),
                                      ("proposal_data", proposal_data, ("expert", "offline")),
-                                     ("termination", termination, TERMINATIONS)):
+                                     ("termination", termination, TERMINATIONS),
+                                     ("reward_level", reward_level, ("free", "anchored"))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         for name, value in (("q_updates", q_updates), ("reward_updates", reward_updates),
@@ -529,6 +539,14 @@ class BiCQLML(OfflineModule):
                 next_value = torch.cat([expert_value, offline_next_value])
             target = self.reward_target(q_data, next_value, pairs)
         reward = full_precision(self.reward_net(pairs["obs"], pairs["action"]))
+        if self.hparams.reward_level == "anchored":
+            gap = (target - reward.detach()).mean()
+            world_size, _ = self._world()
+            if is_distributed(world_size):  # equal shares: the global batch's mean gap
+                gap = gap.reshape(1)
+                all_reduce_mean_([gap], world_size)
+                gap = gap.reshape(())
+            target = losses.level_anchored_target(target, reward.detach(), gap)
         loss, metrics = losses.reward_loss(reward, target)
         metrics["_reward/sq_mean"] = reward.detach().float().pow(2).mean()  # for the global std under DDP
         return loss, metrics

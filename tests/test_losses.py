@@ -57,6 +57,32 @@ def test_soft_advantage_target():
     assert losses.soft_advantage(q, next_value, terminated, 0.5).tolist() == pytest.approx([1.5, 3.0])
 
 
+def test_level_anchored_target_is_the_advantage_moved_to_the_rewards_mean():
+    advantage = torch.tensor([-1.0, 0.0, 2.0])  # mean 1/3
+    reward = torch.tensor([5.0, 4.0, 6.0])  # mean 5
+    # A - (1/3 - 5): the differences between pairs are A's, the mean is the reward's.
+    target = losses.level_anchored_target(advantage, reward)
+    assert target.tolist() == pytest.approx([11 / 3, 14 / 3, 20 / 3])
+    assert target.mean().item() == pytest.approx(reward.mean().item())
+    # A global gap (given) is used instead of this batch's.
+    assert losses.level_anchored_target(advantage, reward, torch.tensor(2.0)).tolist() == pytest.approx([-3.0, -2.0, 0.0])
+
+
+def test_a_uniform_shift_of_the_reward_has_no_gradient_against_the_anchored_target():
+    advantage = torch.tensor([-1.0, 0.0, 2.0, 0.5])
+    base = torch.tensor([5.0, 4.0, 6.0, 3.0])
+    shift = torch.zeros((), requires_grad=True)
+    reward = base + shift
+    loss, _ = losses.reward_loss(reward, losses.level_anchored_target(advantage, reward.detach()))
+    loss.backward()
+    assert shift.grad.item() == pytest.approx(0.0, abs=1e-6)
+    # Against A itself the same shift is pulled toward A's level.
+    shift.grad = None
+    reward = base + shift
+    losses.reward_loss(reward, advantage)[0].backward()
+    assert shift.grad.item() == pytest.approx(2 * ((base - advantage).mean()).item())
+
+
 def test_q_loss_sums_twins_and_averages_batch():
     q = torch.tensor([[1.0, 2.0], [0.0, 4.0]], requires_grad=True)  # (E=2, B=2)
     target = torch.tensor([1.0, 1.0], requires_grad=True)

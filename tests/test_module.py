@@ -75,6 +75,34 @@ def test_reward_target_is_the_soft_advantage_of_the_min_twin():
 
 
 @pytest.mark.parametrize("spaces", [DISCRETE, BOX], ids=["discrete", "box"])
+def test_anchored_reward_level_regresses_onto_the_soft_advantage_up_to_a_constant(spaces):
+    torch.manual_seed(0)
+    kwargs = dict(spaces=spaces, hidden_sizes=[8], reward_hidden_sizes=[8], num_action_samples=4, reward_bound=0.0,
+                  termination="neutral")
+    free, anchored = BiCQLML(**kwargs), BiCQLML(**kwargs, reward_level="anchored")
+    anchored.load_state_dict(free.state_dict())
+    batch = make_batch(spaces, batch_size=16)
+    free._rng().manual_seed(3)
+    anchored._rng().manual_seed(3)  # the same proposal samples for the soft values
+    free_loss, m_free = free.reward_objective(batch)
+    anchored_loss, m_anchored = anchored.reward_objective(batch)
+    reward = free.reward_net(batch["obs"], batch["action"]).detach()
+    target = m_free["reward/target_mean"]
+    # The anchored loss is the free one less the squared mean gap (a variance decomposition).
+    assert anchored_loss.item() == pytest.approx(free_loss.item() - (target - reward.mean()).pow(2).item(), rel=1e-4)
+    assert m_anchored["reward/target_mean"].item() == pytest.approx(reward.mean().item(), abs=1e-5)
+    # A uniform shift of the unbounded reward (the output layer's bias, every entry of it
+    # for a Discrete table) gets no gradient.
+    anchored_loss.backward()
+    assert abs(anchored.reward_net.net[-1].bias.grad.sum().item()) < 1e-6
+
+
+def test_reward_level_must_be_free_or_anchored():
+    with pytest.raises(ValueError, match="reward_level"):
+        BiCQLML(spaces=BOX, reward_level="fixed")
+
+
+@pytest.mark.parametrize("spaces", [DISCRETE, BOX], ids=["discrete", "box"])
 def test_act_returns_valid_actions_for_single_and_batched_observations(spaces):
     torch.manual_seed(0)
     model = BiCQLML(spaces=spaces, hidden_sizes=[16], policy={"init_args": {"num_candidates": 8, "hidden_sizes": [16]}})

@@ -543,9 +543,7 @@ class BiCQLML(OfflineModule):
             gap = (target - reward.detach()).mean()
             world_size, _ = self._world()
             if is_distributed(world_size):  # equal shares: the global batch's mean gap
-                gap = gap.reshape(1)
                 all_reduce_mean_([gap], world_size)
-                gap = gap.reshape(())
             target = losses.level_anchored_target(target, reward.detach(), gap)
         loss, metrics = losses.reward_loss(reward, target)
         metrics["_reward/sq_mean"] = reward.detach().float().pow(2).mean()  # for the global std under DDP

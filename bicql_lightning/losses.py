@@ -105,6 +105,19 @@ def level_anchored_target(advantage: Tensor, reward: Tensor, gap: Tensor | None 
     return (advantage - gap).detach()
 
 
+def level_pinned_target(advantage: Tensor, offline_advantage_mean: Tensor, level: float | Tensor) -> Tensor:
+    r"""The soft advantage moved so that its mean over D's pairs is ``level``: :math:`A - \mathbb E_D[A] + \ell`.
+
+    Like :func:`level_anchored_target`, the reward learns :math:`A` up to a constant,
+    but the constant is set by the data rather than by where the network starts: the
+    reward's mean over the offline pairs is held at :math:`\ell`, and the expert's pairs
+    sit above or below it by their advantage over D's. ``offline_advantage_mean``:
+    :math:`\mathbb E_D[A]` over the (global) offline batch. All ``(B,)``; no gradient is
+    taken through the result.
+    """
+    return (advantage - offline_advantage_mean + level).detach()
+
+
 def q_loss(q_data: Tensor, target: Tensor) -> tuple[Tensor, Metrics]:
     r"""TD regression :math:`\sum_i \mathbb E_B[(Q_i(s,a) - y)^2]`.
 

@@ -92,7 +92,16 @@ class BiCQLML(OfflineModule):
             regresses it onto the soft advantage up to a constant
             (:func:`~bicql_lightning.losses.level_anchored_target`), so the level stays where
             the network starts, the middle of the bounded range, and only differences
-            between pairs are learned.
+            between pairs are learned; ``"data"`` regresses it onto the soft advantage up
+            to a constant that holds the reward's mean over D's pairs at ``offline_reward_level``
+            (:func:`~bicql_lightning.losses.level_pinned_target`), so D's average step pays
+            little and the expert's pairs sit above it by their advantage. Needs
+            ``reward_on_offline``.
+        offline_reward_level: with ``reward_level="data"``, where D's mean reward is held, in
+            units of ``reward_bound`` above the bounded range's floor when termination means
+            failure or success (a step no better than D's average is worth little more than
+            ending), and from the range's centre when it is neutral (the level then changes
+            no policy).
         reward_on_offline: also regress the reward onto the soft advantage on the offline
             pairs, so :math:`r_\theta` is fitted wherever Q-learning bootstraps through it.
         advantage_net: the Q network whose soft advantage the reward is regressed onto:
@@ -166,7 +175,8 @@ class BiCQLML(OfflineModule):
         reward_lr: float = 3e-4,
         reward_bound: float = 5.0,
         termination: Literal["auto", "failure", "success", "neutral"] = "auto",
-        reward_level: Literal["free", "anchored"] = "free",
+        reward_level: Literal["free", "anchored", "data"] = "free",
+        offline_reward_level: float = 0.1,
         reward_on_offline: bool = True,
         advantage_net: Literal["online", "target"] = "target",
         cql_value_with_data_action: bool = True,
@@ -188,7 +198,7 @@ class BiCQLML(OfflineModule):
                                      ("advantage_net", advantage_net, ("online", "target")),
                                      ("proposal_data", proposal_data, ("expert", "offline")),
                                      ("termination", termination, TERMINATIONS),
-                                     ("reward_level", reward_level, ("free", "anchored"))):
+                                     ("reward_level", reward_level, ("free", "anchored", "data"))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         for name, value in (("q_updates", q_updates), ("reward_updates", reward_updates),
@@ -202,6 +212,9 @@ class BiCQLML(OfflineModule):
         if termination in ("failure", "success") and reward_bound <= 0:
             raise ValueError(f"termination={termination!r} shifts the bounded reward's range and needs "
                              f"reward_bound > 0 (got {reward_bound}); use termination='neutral' for an unbounded reward.")
+        if reward_level == "data" and not reward_on_offline:
+            raise ValueError("reward_level='data' holds the reward's mean over D's pairs and needs "
+                             "reward_on_offline=True (the reward is then fitted on them).")
         check_common_hparams(gamma=gamma)
         make_policy(policy)  # a bad policy argument fails here, before any data is read
         self.save_hyperparameters()
@@ -539,15 +552,29 @@ class BiCQLML(OfflineModule):
                 next_value = torch.cat([expert_value, offline_next_value])
             target = self.reward_target(q_data, next_value, pairs)
         reward = full_precision(self.reward_net(pairs["obs"], pairs["action"]))
-        if self.hparams.reward_level == "anchored":
-            gap = (target - reward.detach()).mean()
+        level = self.hparams.reward_level
+        if level != "free":
+            # anchored: the mean gap A - r over all pairs; data: the mean of A over D's pairs
+            # (the part after the expert's, or all pairs where D is D_E).
+            offline = target if segments is None else target[segments[0]:]
+            gap = (target - reward.detach()).mean() if level == "anchored" else offline.mean()
             world_size, _ = self._world()
-            if is_distributed(world_size):  # equal shares: the global batch's mean gap
+            if is_distributed(world_size):  # equal shares: the global batch's mean
                 all_reduce_mean_([gap], world_size)
-            target = losses.level_anchored_target(target, reward.detach(), gap)
+            target = (losses.level_anchored_target(target, reward.detach(), gap) if level == "anchored"
+                      else losses.level_pinned_target(target, gap, self.offline_level()))
         loss, metrics = losses.reward_loss(reward, target)
         metrics["_reward/sq_mean"] = reward.detach().float().pow(2).mean()  # for the global std under DDP
         return loss, metrics
+
+    def offline_level(self) -> float:
+        """Where ``reward_level="data"`` holds the mean reward of D's pairs (its doc)."""
+        hp = self.hparams
+        # From the termination rather than the offset buffer: no device read inside an update.
+        termination = self.termination or "neutral"  # unresolved "auto" before a fit: the offset is 0
+        centre = TERMINATION_OFFSET[termination] * hp.reward_bound
+        floor = centre - hp.reward_bound if termination in ("failure", "success") else centre
+        return floor + hp.offline_reward_level * hp.reward_bound
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Batch], batch_idx: int) -> None:

@@ -68,6 +68,13 @@ def test_level_anchored_target_is_the_advantage_moved_to_the_rewards_mean():
     assert losses.level_anchored_target(advantage, reward, torch.tensor(2.0)).tolist() == pytest.approx([-3.0, -2.0, 0.0])
 
 
+def test_level_pinned_target_moves_the_advantage_so_its_offline_mean_is_the_level():
+    advantage = torch.tensor([1.0, 2.0, 3.0, 4.0])  # the last two are D's pairs, mean 3.5
+    target = losses.level_pinned_target(advantage, advantage[2:].mean(), 0.5)
+    assert target.tolist() == pytest.approx([-2.0, -1.0, 0.0, 1.0])
+    assert target[2:].mean().item() == pytest.approx(0.5)
+
+
 def test_a_uniform_shift_of_the_reward_has_no_gradient_against_the_anchored_target():
     advantage = torch.tensor([-1.0, 0.0, 2.0, 0.5])
     base = torch.tensor([5.0, 4.0, 6.0, 3.0])

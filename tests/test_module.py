@@ -97,9 +97,40 @@ def test_anchored_reward_level_regresses_onto_the_soft_advantage_up_to_a_constan
     assert abs(anchored.reward_net.net[-1].bias.grad.sum().item()) < 1e-6
 
 
-def test_reward_level_must_be_free_or_anchored():
+def test_data_reward_level_holds_the_mean_target_over_offline_pairs_at_the_level():
+    torch.manual_seed(0)
+    kwargs = dict(spaces=DISCRETE, hidden_sizes=[8], reward_hidden_sizes=[8], gamma=0.9, advantage_net="target",
+                  reward_bound=5.0, termination="failure")
+    free, data = BiCQLML(**kwargs), BiCQLML(**kwargs, reward_level="data", offline_reward_level=0.1)
+    data.load_state_dict(free.state_dict())
+    expert, offline = make_batch(DISCRETE, batch_size=3, seed=2), make_batch(DISCRETE, batch_size=5)
+    pairs = {k: torch.cat([expert[k], offline[k]]) for k in offline}
+    next_value = torch.arange(5.0)  # the step's target soft values of the offline part
+    _, m_free_pairs = free.reward_objective(pairs, (3, 5), next_value)
+    _, m_free_offline = free.reward_objective(offline, None, next_value)
+    loss, m_data = data.reward_objective(pairs, (3, 5), next_value)
+    # failure's range is [0, 10]: D's mean is held 0.1 x 5 above its floor, the expert's
+    # pairs keep their advantage over D's.
+    assert data.offline_level() == pytest.approx(0.5)
+    shift = 0.5 - m_free_offline["reward/target_mean"].item()
+    assert m_data["reward/target_mean"].item() == pytest.approx(m_free_pairs["reward/target_mean"].item() + shift,
+                                                                abs=1e-5)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in data.reward_net.parameters())
+
+
+def test_data_reward_level_sits_above_the_floor_or_at_the_centre_by_termination():
+    model = BiCQLML(spaces=BOX, reward_bound=5.0, reward_level="data", offline_reward_level=0.2)
+    for termination, level in (("failure", 1.0), ("success", -9.0), ("neutral", 1.0)):
+        model.set_termination(termination)
+        assert model.offline_level() == pytest.approx(level)
+
+
+def test_reward_level_must_be_free_anchored_or_data():
     with pytest.raises(ValueError, match="reward_level"):
         BiCQLML(spaces=BOX, reward_level="fixed")
+    with pytest.raises(ValueError, match="reward_on_offline"):
+        BiCQLML(spaces=BOX, reward_level="data", reward_on_offline=False)
 
 
 @pytest.mark.parametrize("spaces", [DISCRETE, BOX], ids=["discrete", "box"])

@@ -119,7 +119,7 @@ def test_data_reward_level_holds_the_mean_target_over_offline_pairs_at_the_level
     assert all(torch.isfinite(p.grad).all() for p in data.reward_net.parameters())
 
 
-def test_data_reward_level_sits_above_the_floor_or_at_the_centre_by_termination():
+def test_data_reward_level_sits_above_the_floor_or_the_centre_by_termination():
     model = BiCQLML(spaces=BOX, reward_bound=5.0, reward_level="data", offline_reward_level=0.2)
     for termination, level in (("failure", 1.0), ("success", -9.0), ("neutral", 1.0)):
         model.set_termination(termination)

@@ -87,6 +87,13 @@ def soft_advantage(q_data: Tensor, next_value: Tensor, terminated: Tensor, gamma
     return q_data - gamma * (1.0 - terminated.to(q_data.dtype)) * next_value
 
 
+def terminal_zero_target(target: Tensor, terminated: Tensor) -> Tensor:
+    r"""``target`` with terminal pairs' entries set to 0: where an episode ends, the soft
+    advantage is :math:`Q(s,a)`, whose own TD target is :math:`r_\theta(s,a)`, so nothing
+    but this pins the step into the absorbing state (value 0). All ``(B,)``."""
+    return torch.where(terminated.bool(), torch.zeros_like(target), target)
+
+
 def level_anchored_target(advantage: Tensor, reward: Tensor, gap: Tensor | None = None) -> Tensor:
     r"""The soft advantage moved to the reward's current level: :math:`A - \mathbb E_B[A - r_\theta]`.
 

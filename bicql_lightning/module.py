@@ -102,6 +102,14 @@ class BiCQLML(OfflineModule):
             failure or success (a step no better than D's average is worth little more than
             ending), and from the range's centre when it is neutral (the level then changes
             no policy).
+        terminal_reward: the reward's target on D's terminal pairs when termination means
+            failure or success. There the soft advantage is :math:`Q(s,a)` and Q's TD target
+            is :math:`r_\theta(s,a)`: the two only chase each other, and the conservative
+            term's push on D's pairs carries both up (hopper: the step that falls learns
+            9.4 of the ceiling 10, so falling pays). ``"advantage"`` keeps the soft advantage
+            (the paper's); ``"zero"`` regresses those pairs onto 0, the end of the bounded
+            range that borders termination (the failure range's floor, the success range's
+            ceiling) and the absorbing state's value. Neutral termination keeps the advantage.
         reward_on_offline: also regress the reward onto the soft advantage on the offline
             pairs, so :math:`r_\theta` is fitted wherever Q-learning bootstraps through it.
         advantage_net: the Q network whose soft advantage the reward is regressed onto:
@@ -177,6 +185,7 @@ class BiCQLML(OfflineModule):
         termination: Literal["auto", "failure", "success", "neutral"] = "auto",
         reward_level: Literal["free", "anchored", "data"] = "free",
         offline_reward_level: float = 0.1,
+        terminal_reward: Literal["advantage", "zero"] = "advantage",
         reward_on_offline: bool = True,
         advantage_net: Literal["online", "target"] = "target",
         cql_value_with_data_action: bool = True,
@@ -198,7 +207,8 @@ class BiCQLML(OfflineModule):
                                      ("advantage_net", advantage_net, ("online", "target")),
                                      ("proposal_data", proposal_data, ("expert", "offline")),
                                      ("termination", termination, TERMINATIONS),
-                                     ("reward_level", reward_level, ("free", "anchored", "data"))):
+                                     ("reward_level", reward_level, ("free", "anchored", "data")),
+                                     ("terminal_reward", terminal_reward, ("advantage", "zero"))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         for name, value in (("q_updates", q_updates), ("reward_updates", reward_updates),
@@ -563,6 +573,8 @@ class BiCQLML(OfflineModule):
                 all_reduce_mean_([gap], world_size)
             target = (losses.level_anchored_target(target, reward.detach(), gap) if level == "anchored"
                       else losses.level_pinned_target(target, gap, self.offline_level()))
+        if self.hparams.terminal_reward == "zero" and self.termination in ("failure", "success"):
+            target = losses.terminal_zero_target(target, pairs["terminated"])
         loss, metrics = losses.reward_loss(reward, target)
         metrics["_reward/sq_mean"] = reward.detach().float().pow(2).mean()  # for the global std under DDP
         return loss, metrics

@@ -75,6 +75,12 @@ def test_level_pinned_target_moves_the_advantage_so_its_offline_mean_is_the_leve
     assert target[2:].mean().item() == pytest.approx(0.5)
 
 
+def test_terminal_zero_target_sets_only_the_terminal_pairs_to_zero():
+    target = torch.tensor([3.0, -1.0, 7.5, 2.0])
+    terminated = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    assert losses.terminal_zero_target(target, terminated).tolist() == [3.0, 0.0, 0.0, 2.0]
+
+
 def test_a_uniform_shift_of_the_reward_has_no_gradient_against_the_anchored_target():
     advantage = torch.tensor([-1.0, 0.0, 2.0, 0.5])
     base = torch.tensor([5.0, 4.0, 6.0, 3.0])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bicql_lightning import BiCQLML, RewardNet, polyak_update
+from bicql_lightning import BiCQLML, RewardNet, losses, polyak_update
 
 DISCRETE = dict(obs_kind="box", obs_dim=4, action_kind="discrete", action_dim=3, action_low=[], action_high=[])
 BOX = dict(obs_kind="box", obs_dim=5, action_kind="box", action_dim=2, action_low=[-2.0, -1.0], action_high=[2.0, 1.0])
@@ -124,6 +124,38 @@ def test_data_reward_level_sits_above_the_floor_or_the_centre_by_termination():
     for termination, level in (("failure", 1.0), ("success", -9.0), ("neutral", 1.0)):
         model.set_termination(termination)
         assert model.offline_level() == pytest.approx(level)
+
+
+def test_zero_terminal_reward_regresses_the_steps_that_end_an_episode_onto_zero():
+    torch.manual_seed(0)
+    kwargs = dict(spaces=DISCRETE, hidden_sizes=[8], reward_hidden_sizes=[8], gamma=0.9, advantage_net="target",
+                  reward_bound=5.0, termination="failure")
+    advantage, zero = BiCQLML(**kwargs), BiCQLML(**kwargs, terminal_reward="zero")
+    zero.load_state_dict(advantage.state_dict())
+    pairs = make_batch(DISCRETE, batch_size=6)
+    pairs["terminated"] = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    next_value = torch.arange(6.0)
+    with torch.no_grad():
+        soft_adv = losses.soft_advantage(advantage._min_q(pairs, advantage.target_q_net), next_value,
+                                         pairs["terminated"], 0.9)
+        reward = advantage.reward_net(pairs["obs"], pairs["action"])
+    assert soft_adv[[0, 2]].abs().min() > 1e-3  # the advantage there is Q(s, a), not 0 already
+    _, m_advantage = advantage.reward_objective(pairs, None, next_value)
+    loss, m_zero = zero.reward_objective(pairs, None, next_value)
+    expected = torch.where(pairs["terminated"].bool(), 0.0, soft_adv)
+    assert m_advantage["reward/target_mean"].item() == pytest.approx(soft_adv.mean().item(), abs=1e-5)
+    assert m_zero["reward/target_mean"].item() == pytest.approx(expected.mean().item(), abs=1e-5)
+    assert loss.item() == pytest.approx(losses.reward_loss(reward, expected)[0].item(), abs=1e-5)
+    # Where termination is neutral, ending is no failure: the soft advantage stays the target.
+    zero.set_termination("neutral")
+    advantage.set_termination("neutral")
+    assert (zero.reward_objective(pairs, None, next_value)[1]["reward/target_mean"].item()
+            == pytest.approx(advantage.reward_objective(pairs, None, next_value)[1]["reward/target_mean"].item()))
+
+
+def test_terminal_reward_must_be_advantage_or_zero():
+    with pytest.raises(ValueError, match="terminal_reward"):
+        BiCQLML(spaces=BOX, terminal_reward="floor")
 
 
 def test_reward_level_must_be_free_anchored_or_data():

@@ -110,6 +110,7 @@ class BiCQLML(OfflineModule):
             (the paper's); ``"zero"`` regresses those pairs onto 0, the end of the bounded
             range that borders termination (the failure range's floor, the success range's
             ceiling) and the absorbing state's value. Neutral termination keeps the advantage.
+            Opt-in: under the default free level those pairs already sit at the floor.
         reward_on_offline: also regress the reward onto the soft advantage on the offline
             pairs, so :math:`r_\theta` is fitted wherever Q-learning bootstraps through it.
         advantage_net: the Q network whose soft advantage the reward is regressed onto:

@@ -11,7 +11,8 @@ fitted prior; nothing of the model is changed:
 
 * ``config``: the model's ``policy`` as trained;
 * ``prior_mode``: the greedy action of the default controller's acting prior (Q unused);
-* ``tilted:T``: :class:`~bicql_lightning.TiltedPriorPolicy` at acting temperature T;
+* ``tilted:T``: :class:`~bicql_lightning.TiltedPriorPolicy` at acting temperature T, tilting
+  whichever prior acts (``tilt_after_refit`` on);
 * ``boltzmann:T``: :class:`~bicql_lightning.BoltzmannPolicy` (the paper's) at temperature T;
 * ``ascent:T:K[:ETA]``: the mode of prior(a|s)·exp(Q(s,a)/T) found by K preconditioned
   ascent steps from the prior's mode (:func:`tilted_mode`), kept where it scores above the
@@ -145,7 +146,7 @@ def rule_policy(model, rule: str):
     candidates = model.policy.num_candidates
     policy = {"config": lambda: model.policy,
               "tilted": lambda: sibling_policy(model, TiltedPriorPolicy, temperature=numbers[0],
-                                               num_candidates=candidates),
+                                               num_candidates=candidates, tilt_after_refit=True),
               "boltzmann": lambda: sibling_policy(model, BoltzmannPolicy, temperature=numbers[0],
                                                   num_candidates=candidates),
               "ascent": lambda: sibling_policy(model, AscentPolicy, temperature=numbers[0], steps=int(numbers[1]),

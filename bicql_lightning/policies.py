@@ -281,6 +281,13 @@ class TiltedPriorPolicy(QPolicy):
         expert_like_fraction: :math:`f` of :func:`expert_like_episodes` (``relabel_weights:
             episodes``): an episode is kept when its mean learned reward per transition
             reaches :math:`\bar r_D + f(\bar r_E - \bar r_D)`.
+        tilt_after_refit: whether Q tilts the prior again after an advantage-weighted refit.
+            Off (the default): that prior already is D's behaviour improved by Q, AWR's
+            :math:`p_D(a|s)\exp(A/\beta)` fitted on D's own actions, so acting plays its mode
+            (greedy) or its draws (sampling); a second tilt would score its candidates by Q
+            off D's actions, where Q is least trusted (ant with mixed data: 53.6 tilted, 84.9
+            at the mode; hopper, the tuning task, ties, ``bench/NOTES.md``). Acting from
+            D_E's prior, or after ``relabel_weights: episodes``, is always tilted.
 
     Discrete actions have no prior: the policy is then the Boltzmann policy of Q.
     """
@@ -289,7 +296,7 @@ class TiltedPriorPolicy(QPolicy):
                  hidden_sizes: list[int] = [256, 256],  # noqa: B006 - jsonargparse needs a literal
                  fit_steps: int = 20000, lr: float = 3e-4, relabel: bool = True,
                  relabel_weights: Literal["advantage", "episodes"] = "advantage", advantage_scale: float = 1.0,
-                 expert_like_fraction: float = 0.5):
+                 expert_like_fraction: float = 0.5, tilt_after_refit: bool = False):
         super().__init__(temperature, num_candidates)
         if fit_steps < 1:
             raise ValueError(f"policy fit_steps must be at least 1, got {fit_steps}")
@@ -303,6 +310,7 @@ class TiltedPriorPolicy(QPolicy):
             raise ValueError(f"policy advantage_scale must be a positive number, got {advantage_scale}")
         self.relabel, self.expert_like_fraction = relabel, expert_like_fraction
         self.relabel_weights, self.advantage_scale = relabel_weights, advantage_scale
+        self.tilt_after_refit = bool(tilt_after_refit)
 
     def build(self, spaces: SpaceSpec, q_net: QEnsemble, encoder: ObservationEncoder,
               proposal: ActionProposal | None, training_temperature: float) -> None:
@@ -324,10 +332,17 @@ class TiltedPriorPolicy(QPolicy):
         if self.discrete:
             return super().actions(enc, deterministic)
         prior = self.acting_prior
+        if self.acts_untilted:
+            return prior.mode(enc) if deterministic else prior.sample(enc)
         noise = self._noise(enc.shape[0], (self.num_candidates, prior.act_dim), deterministic, enc.device)
         cands, log_prior = prior.candidates(enc, noise)
         # Drawn from the prior itself (the mode too, as a point of u-space): prior / draw = 1.
         return self._pick(enc, cands, log_prior, log_prior, deterministic)
+
+    @property
+    def acts_untilted(self) -> bool:
+        """Whether acting plays the advantage-weighted refit's prior as it is (``tilt_after_refit`` off)."""
+        return bool(self.relabeled) and self.relabel_weights == "advantage" and not self.tilt_after_refit
 
     @property
     def needs_fit(self) -> bool:

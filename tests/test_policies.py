@@ -58,6 +58,7 @@ def test_the_default_controller_is_the_tilted_clipped_gaussian_prior_at_temperat
     model = BiCQLML(spaces=BOX, hidden_sizes=[16])
     assert isinstance(model.policy, TiltedPriorPolicy)
     assert (model.policy.temperature, model.policy.num_candidates, model.policy.relabel) == (4.0, 64, True)
+    assert (model.policy.relabel_weights, model.policy.tilt_after_refit) == ("advantage", False)
     assert model.policy.prior.distribution == "clipped"
     # The benchmark's training settings are the defaults too.
     assert model.hparams.advantage_net == "target" and model.hparams.cql_value_with_data_action
@@ -263,6 +264,48 @@ def test_the_advantage_refit_draws_the_prior_toward_the_actions_q_ranks_higher_b
     unit = mean.mean(0)
     assert torch.allclose(model.policy.acting_prior.to_unit(actions[:1]).abs(), torch.tensor([[0.2, 0.2]]))
     assert 0.12 < float(unit[0]) < 0.18 and 0.12 < float(unit[1]) < 0.18
+
+
+def refitted(relabel_weights="advantage", **policy_args):
+    """A small model whose prior was refitted to a D where Q pulls: (model, observations)."""
+    model = tilted_model(temperature=0.05, fit_steps=50, lr=3e-3, relabel_weights=relabel_weights, **policy_args)
+    g = torch.Generator().manual_seed(2)
+    obs, actions = torch.randn(64, 5, generator=g), torch.rand(64, 2, generator=g) * 2 - 1
+    data = FakeData((obs[:16], actions[:16]), (obs, actions), (torch.arange(64) // 8).int())
+    model.policy.fit(data, torch.Generator().manual_seed(0))
+    model.policy.refit(data, lambda o, a: a.sum(-1), torch.Generator().manual_seed(0),
+                       advantage=lambda o, a: a.sum(-1))
+    assert model.policy.acting_prior is model.policy.relabeled_prior
+    return model, obs
+
+
+def tilted_pick(model, obs):
+    enc = model.encoder(obs)
+    noise = torch.randn((1, 8, 2), generator=torch.Generator().manual_seed(GREEDY_NOISE_SEED))
+    cands, log_prior = model.policy.acting_prior.candidates(enc, noise)
+    score = model.q_net(enc, cands).min(0).values / model.policy.temperature + log_prior
+    return cands[torch.arange(len(obs)), score.argmax(1)].detach().numpy()
+
+
+def test_after_the_advantage_weighted_refit_the_controller_plays_that_prior_untilted():
+    model, obs = refitted()
+    enc = model.encoder(obs)
+    mode = model.policy.acting_prior.mode(enc).numpy()
+    np.testing.assert_allclose(model.act(obs.numpy()), mode, atol=1e-6)
+    # At T = 0.05 Q would move most actions off that mode: the untilted rule is a real change.
+    moved = np.abs(tilted_pick(model, obs) - mode).max(-1) > 1e-6
+    assert moved.mean() > 0.5
+    # Sampling draws from the refitted prior itself (same numbers, same draws).
+    torch.manual_seed(5)
+    sampled = model.act(obs.numpy(), deterministic=False)
+    torch.manual_seed(5)
+    np.testing.assert_allclose(sampled, model.policy.acting_prior.sample(enc).numpy(), atol=1e-6)
+
+
+def test_tilt_after_refit_and_the_episodes_refit_keep_q_tilting_the_refitted_prior():
+    for model, obs in (refitted(tilt_after_refit=True), refitted(relabel_weights="episodes")):
+        assert not model.policy.acts_untilted
+        np.testing.assert_allclose(model.act(obs.numpy()), tilted_pick(model, obs), atol=1e-6)
 
 
 def test_the_refit_weights_are_checked():

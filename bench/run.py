@@ -59,6 +59,7 @@ CONFIG_OF = {"iql_oracle": "iql", "iql_transfer": "iql"}
 EVAL_SEEDS = (10000, 10)  # first seed, episodes
 # The algorithms whose rewards are reused (iql_transfer, bench.transfer_online): their cells keep a checkpoint.
 KEEP_CHECKPOINT = ("bicql", "iqlearn")
+REWARD_CHUNK = 1 << 14  # transitions per forward pass when a dataset's rewards are scored
 
 
 def git_commit() -> str:
@@ -97,17 +98,18 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 @torch.no_grad()
 def reward_correlation(model: pl.LightningModule, dataset_id: str) -> float | None:
     """Pearson correlation of the learned reward with the true one on every transition."""
-    t = load_transitions(dataset_id)
-    obs = torch.as_tensor(t.observations, device=model.device)
-    act = torch.as_tensor(t.actions, device=model.device)
-    if hasattr(model, "reward_net"):
-        learned = model.reward_net(obs, act)
-    elif hasattr(model, "reward"):
-        learned = model.reward(obs, act, torch.as_tensor(t.next_observations, device=model.device),
-                               torch.as_tensor(t.terminations, device=model.device))
-    else:
+    if not (hasattr(model, "reward_net") or hasattr(model, "reward")):
         return None
-    return pearson(learned.float().cpu().numpy().astype(np.float64), t.rewards.astype(np.float64))
+    t = load_transitions(dataset_id)
+    learned = []
+    # In chunks: IQ-Learn's reward reads V(s') over sampled actions, and all of a 100k-pair
+    # dataset at once took 15 GB (a run beside others was killed for memory).
+    for i in range(0, len(t.rewards), REWARD_CHUNK):
+        part = [torch.as_tensor(x[i:i + REWARD_CHUNK], device=model.device)
+                for x in (t.observations, t.actions, t.next_observations, t.terminations)]
+        learned.append((model.reward_net(*part[:2]) if hasattr(model, "reward_net") else model.reward(*part))
+                       .float().cpu().numpy())
+    return pearson(np.concatenate(learned).astype(np.float64), t.rewards.astype(np.float64))
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -99,3 +99,25 @@ def test_the_bf16_slowdown_is_a_measured_positive_ratio_and_bf16_settings_are_re
     ratio = cpu_bf16_slowdown()
     assert 0.0 < ratio < 1e4 and cpu_bf16_slowdown() == ratio  # measured once per process
     assert is_bf16("bf16-mixed") and is_bf16("bf16-true") and not is_bf16("32-true") and not is_bf16(None)
+
+
+@pytest.mark.parametrize("algo", ["iqlearn", "bicql"])
+def test_reward_correlation_scores_a_dataset_in_chunks_as_in_one_pass(tiny, monkeypatch, algo):
+    import gymnasium as gym
+    import torch
+
+    import bench.run as run
+    from bicql_lightning import BiCQLML, IQLearn
+    from bicql_lightning.spaces import space_spec
+
+    env = gym.make("Pendulum-v1")
+    spaces = space_spec(env.observation_space, env.action_space)
+    torch.manual_seed(0)
+    model = (IQLearn(spaces=spaces, hidden_sizes=[16], actor_hidden_sizes=[16]) if algo == "iqlearn"
+             else BiCQLML(spaces=spaces, hidden_sizes=[16]))
+    monkeypatch.setattr(run, "REWARD_CHUNK", 1 << 20)
+    whole = run.reward_correlation(model, tiny.pendulum_mixed)
+    monkeypatch.setattr(run, "REWARD_CHUNK", 7)  # 150 transitions: 22 chunks, the last one short
+    chunked = run.reward_correlation(model, tiny.pendulum_mixed)
+    assert np.isfinite(whole) and abs(whole) > 1e-3
+    assert chunked == pytest.approx(whole, abs=1e-6)

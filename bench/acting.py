@@ -27,6 +27,9 @@ rule's standard error over episodes (``"RULE se"``) says which differences are l
 the episodes' spread. ``--checkpoint PATH`` saves the trained cell there (a Lightning
 checkpoint that also names its cell) and, when PATH exists, loads it instead of training:
 one training, any number of rule comparisons. A checkpoint of another cell is refused.
+``--run-checkpoints DIR`` scores the rules on the weights a ``bench.run`` cell saved in its
+``--checkpoints`` folder instead (``--demos sub20`` for protocol version 2's subsampled
+cells), so a benchmark row's own weights can be acted on in other ways.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import torch
 import yaml
 
 from bench.datasets import read_manifest
-from bench.run import EVAL_SEEDS, ROOT, set_precision, train_cell
+from bench.run import EVAL_SEEDS, OFFLINE, ROOT, SUBSAMPLE, cell_data, checkpoint_path, set_precision, train_cell
 from bicql_lightning import BiCQLML, BoltzmannPolicy, TiltedPriorPolicy
 from bicql_lightning.callbacks import normalized_score, rollout_returns
 
@@ -163,20 +166,36 @@ def rule_policy(model, rule: str):
     return act, moved
 
 
-def cell_model(task, regime: str, n: int, seed: int, config: dict, checkpoint: str | None):
+def run_model(task, regime: str, n: int, seed: int, config: dict, demos: str, folder: str):
+    """``(model, info)`` of the cell ``bench.run`` trained and kept in ``folder`` (its
+    ``--checkpoints``); ``info`` holds the score's reference returns (the benchmark score and
+    wall time are in that run's results row, not in its checkpoint)."""
+    path = checkpoint_path(Path(folder), task, regime, demos, n, seed)
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: bench.run keeps a cell's checkpoint under its --checkpoints "
+                         "folder; run that cell there first, or train it here without --run-checkpoints")
+    random_return, expert_return = cell_data(task, regime, n, seed, config, demos).ref_scores
+    info = {"benchmark_score": None, "train_wall_s": None, "random_return": random_return,
+            "expert_return": expert_return}
+    return BiCQLML.load_from_checkpoint(str(path), map_location="cpu"), info
+
+
+def cell_model(task, regime: str, n: int, seed: int, config: dict, checkpoint: str | None, demos: str = "full"):
     """``(model, info)`` of a cell: trained as ``bench.run`` trains it, or loaded from
     ``checkpoint`` when that file exists (it must hold this cell, trained with this config).
     ``info``: the benchmark score, training wall seconds and the score's reference returns,
     saved with the weights. A new training is saved to ``checkpoint`` when one is named."""
     cell = {"task": task.name, "regime": regime, "N": n, "seed": seed, "config": config}
+    if demos != "full":  # cells saved before subsampled demonstrations existed are full ones
+        cell["demos"] = demos
     if checkpoint is not None and Path(checkpoint).exists():
         saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("bench_cell")
         if saved is None or saved["cell"] != cell:
             have = "no benchmark cell" if saved is None else {k: v for k, v in saved["cell"].items() if k != "config"}
-            raise SystemExit(f"{checkpoint} holds {have}, not this cell ({task.name}, {regime}, N={n}, seed={seed}) "
+            raise SystemExit(f"{checkpoint} holds {have}, not this cell ({task.name}, {regime}, {demos}, N={n}, seed={seed}) "
                              "with this config: name another --checkpoint path (nothing was overwritten)")
         return BiCQLML.load_from_checkpoint(checkpoint, map_location="cpu"), saved["info"]
-    model, trainer, evaluation, wall = train_cell(task, regime, n, seed, config)
+    model, trainer, evaluation, wall = train_cell(task, regime, n, seed, config, demos)
     info = {"benchmark_score": evaluation.last["normalized_score"], "train_wall_s": wall,
             **{k: evaluation.last[k] for k in ("random_return", "expert_return")}}
     if checkpoint is not None:
@@ -192,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--data", required=True, help="Minari root made by bench.datasets")
     parser.add_argument("--task", required=True)
-    parser.add_argument("--regime", choices=["expert-only", "with-mixed"], required=True)
+    parser.add_argument("--regime", choices=["expert-only", *OFFLINE], required=True)
+    parser.add_argument("--demos", choices=sorted(SUBSAMPLE), default="full",
+                        help="the cell's demonstrations: every transition (full) or every 20th (sub20)")
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default=str(ROOT / "configs" / "bench" / "bicql.yaml"))
@@ -203,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="evaluation episodes per rule (default: the protocol's)")
     parser.add_argument("--precision", default="auto", help="trainer.precision, as bench.run's --precision")
     parser.add_argument("--checkpoint", help="load the trained cell from this file if it exists, else save it there")
+    parser.add_argument("--run-checkpoints", metavar="DIR",
+                        help="act on the weights bench.run kept for this cell in DIR (its --checkpoints) "
+                             "instead of training")
     args = parser.parse_args(argv)
     if args.episodes < 1:
         raise SystemExit(f"--episodes must be at least 1, got {args.episodes}")
@@ -215,10 +239,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.task not in tasks:
         raise SystemExit(f"task {args.task!r} is not in {args.manifest} (it has {sorted(tasks)})")
     task = tasks[args.task]
-    model, info = cell_model(task, args.regime, args.n, args.seed, config, args.checkpoint)
+    if args.run_checkpoints:
+        model, info = run_model(task, args.regime, args.n, args.seed, config, args.demos, args.run_checkpoints)
+    else:
+        model, info = cell_model(task, args.regime, args.n, args.seed, config, args.checkpoint, args.demos)
     model.eval()
-    out = {"task": task.name, "regime": args.regime, "N": args.n, "seed": args.seed,
-           "train_wall_s": round(info["train_wall_s"], 1), "benchmark_score": info["benchmark_score"],
+    wall = info["train_wall_s"]
+    out = {"task": task.name, "regime": args.regime, "demos": args.demos, "N": args.n, "seed": args.seed,
+           "train_wall_s": None if wall is None else round(wall, 1), "benchmark_score": info["benchmark_score"],
            "episodes": [args.first_seed, args.episodes]}
     first, episodes = args.first_seed, args.episodes
     random_return, expert_return = info["random_return"], info["expert_return"]

@@ -80,34 +80,62 @@ def test_ascent_lands_on_the_tilted_gaussians_mode_for_a_linear_q():
     np.testing.assert_allclose(action.detach().numpy(), expected.numpy(), atol=1e-5)
 
 
-def test_the_weights_a_bench_run_cell_kept_are_acted_on_without_training(tiny, tmp_path):
+class PendulumTask:  # the two datasets a with-mixed cell reads, on the tiny Pendulum data
+    name = "pendulum"
+
+    def __init__(self, tiny):
+        self.ids = {"expert-n1": tiny.pendulum_expert, "mixed": tiny.pendulum_mixed}
+
+    def dataset_id(self, kind):
+        return self.ids[kind]
+
+
+def kept_cell(tiny, tmp_path, demos="sub20"):
+    """A tiny BiCQL-ML with-mixed cell trained and kept where bench.run keeps its cells: ``(model, dm)``."""
     import lightning.pytorch as pl
 
-    from bench.acting import run_model
     from bench.run import checkpoint_path
     from bicql_lightning import OfflineIRLDataModule
 
-    class Task:  # the two datasets a with-mixed cell reads, on the tiny Pendulum data
-        name = "pendulum"
-
-        def dataset_id(self, kind):
-            return {"expert-n1": tiny.pendulum_expert, "mixed": tiny.pendulum_mixed}[kind]
-
     pl.seed_everything(0, verbose=False)
-    dm = OfflineIRLDataModule(*tiny.ids("pendulum"), batch_size=16, batches_per_epoch=10, expert_subsample=20)
+    dm = OfflineIRLDataModule(*tiny.ids("pendulum"), batch_size=16, batches_per_epoch=10,
+                              expert_subsample=20 if demos == "sub20" else None)
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
-    trained = BiCQLML(hidden_sizes=[16], reward_hidden_sizes=[16], proposal_hidden_sizes=[16],
-                      proposal_fit_steps=10, num_action_samples=4,
-                      policy={"init_args": {"num_candidates": 4, "hidden_sizes": [16], "fit_steps": 10}})
-    trainer.fit(trained, dm)
-    trainer.save_checkpoint(checkpoint_path(tmp_path, Task(), "with-mixed", "sub20", 1, seed=0))
+    model = BiCQLML(hidden_sizes=[16], reward_hidden_sizes=[16], proposal_hidden_sizes=[16],
+                    proposal_fit_steps=10, num_action_samples=4,
+                    policy={"init_args": {"num_candidates": 4, "hidden_sizes": [16], "fit_steps": 10}})
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(checkpoint_path(tmp_path, PendulumTask(tiny), "with-mixed", demos, 1, seed=0))
+    return model, dm
 
-    model, info = run_model(Task(), "with-mixed", 1, 0, {"data": {"batch_size": 16}}, "sub20", str(tmp_path))
+
+def test_the_weights_a_bench_run_cell_kept_are_acted_on_without_training(tiny, tmp_path):
+    from bench.acting import run_model
+
+    trained, dm = kept_cell(tiny, tmp_path)
+    model, info = run_model(PendulumTask(tiny), "with-mixed", 1, 0, {"data": {"batch_size": 16}}, "sub20", str(tmp_path))
     loaded, saved = model.state_dict(), trained.state_dict()
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert bool(model.policy.relabeled)  # the refitted prior the row's controller acted with
     assert None not in dm.ref_scores and (info["random_return"], info["expert_return"]) == dm.ref_scores
     assert info["benchmark_score"] is None  # the score is the run's results row, not the checkpoint's
     with pytest.raises(SystemExit, match=r"bicql_pendulum_with-mixed_sub20_n1_seed1.ckpt does not exist"):
-        run_model(Task(), "with-mixed", 1, 1, {}, "sub20", str(tmp_path))
+        run_model(PendulumTask(tiny), "with-mixed", 1, 1, {}, "sub20", str(tmp_path))
+
+
+def test_prior_choice_scores_both_priors_on_held_out_demonstrations_and_leaves_the_cell_alone(tiny, tmp_path):
+    from bench.prior_choice import heldout_fits
+
+    from bench.acting import run_model
+
+    _, dm = kept_cell(tiny, tmp_path, demos="full")
+    model = run_model(PendulumTask(tiny), "with-mixed", 1, 0, {}, "full", str(tmp_path))[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = heldout_fits(model, dm, seed=0, fit_steps=20)
+    assert set(first) == {f"{p}_heldout_{m}" for p in ("expert_prior", "refit") for m in ("loglik", "mode_mse")}
+    assert all(np.isfinite(v) for v in first.values()) and first["refit_heldout_mode_mse"] > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # From the kept checkpoint again (its random stream too): the same split, fits and scores.
+    again = run_model(PendulumTask(tiny), "with-mixed", 1, 0, {}, "full", str(tmp_path))[0]
+    assert heldout_fits(again, dm, seed=0, fit_steps=20) == first

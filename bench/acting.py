@@ -166,15 +166,17 @@ def rule_policy(model, rule: str):
     return act, moved
 
 
-def run_model(task, regime: str, n: int, seed: int, config: dict, demos: str, folder: str):
+def run_model(task, regime: str, n: int, seed: int, config: dict, demos: str, folder: str, data=None):
     """``(model, info)`` of the cell ``bench.run`` trained and kept in ``folder`` (its
     ``--checkpoints``); ``info`` holds the score's reference returns (the benchmark score and
-    wall time are in that run's results row, not in its checkpoint)."""
+    wall time are in that run's results row, not in its checkpoint), read from ``data``, the
+    cell's data module, where the caller already has it."""
     path = checkpoint_path(Path(folder), task, regime, demos, n, seed)
     if not path.exists():
         raise SystemExit(f"{path} does not exist: bench.run keeps a cell's checkpoint under its --checkpoints "
                          "folder; run that cell there first, or train it here without --run-checkpoints")
-    random_return, expert_return = cell_data(task, regime, n, seed, config, demos).ref_scores
+    data = cell_data(task, regime, n, seed, config, demos) if data is None else data
+    random_return, expert_return = data.ref_scores
     info = {"benchmark_score": None, "train_wall_s": None, "random_return": random_return,
             "expert_return": expert_return}
     return BiCQLML.load_from_checkpoint(str(path), map_location="cpu"), info

@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         except (ValueError, KeyError):
             raise SystemExit(f"--cells {cell!r}: expected TASK:REGIME:DEMOS:SEED with a task of {args.manifest} "
                              "(e.g. hopper:with-medium:full:0)") from None
-        model, info = run_model(task, regime, 1, seed, config, demos, args.run_checkpoints)
-        model.eval()
         dm = cell_data(task, regime, 1, seed, config, demos)
         dm.setup("fit")
+        model, info = run_model(task, regime, 1, seed, config, demos, args.run_checkpoints, data=dm)
+        model.eval()
         out = {"task": name, "regime": regime, "demos": demos, "N": 1, "seed": seed,
                "expert_pairs": dm.num_transitions("expert"),
                **{k: round(v, 4) for k, v in heldout_fits(model, dm, seed).items()}}

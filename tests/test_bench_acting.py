@@ -115,6 +115,8 @@ def test_the_weights_a_bench_run_cell_kept_are_acted_on_without_training(tiny, t
 
     trained, dm = kept_cell(tiny, tmp_path)
     model, info = run_model(PendulumTask(tiny), "with-mixed", 1, 0, {"data": {"batch_size": 16}}, "sub20", str(tmp_path))
+    # The same references from a data module the caller passes in (read once, not twice).
+    assert run_model(PendulumTask(tiny), "with-mixed", 1, 0, {}, "sub20", str(tmp_path), data=dm)[1] == info
     loaded, saved = model.state_dict(), trained.state_dict()
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert bool(model.policy.relabeled)  # the refitted prior the row's controller acted with
@@ -125,9 +127,8 @@ def test_the_weights_a_bench_run_cell_kept_are_acted_on_without_training(tiny, t
 
 
 def test_prior_choice_scores_both_priors_on_held_out_demonstrations_and_leaves_the_cell_alone(tiny, tmp_path):
-    from bench.prior_choice import heldout_fits
-
     from bench.acting import run_model
+    from bench.prior_choice import heldout_fits
 
     _, dm = kept_cell(tiny, tmp_path, demos="full")
     model = run_model(PendulumTask(tiny), "with-mixed", 1, 0, {}, "full", str(tmp_path))[0]

@@ -14,6 +14,8 @@ fitted prior; nothing of the model is changed:
 * ``tilted:T``: :class:`~bicql_lightning.TiltedPriorPolicy` at acting temperature T, tilting
   whichever prior acts (``tilt_after_refit`` on);
 * ``boltzmann:T``: :class:`~bicql_lightning.BoltzmannPolicy` (the paper's) at temperature T;
+* ``choice:T``: per state, the refit's mode or D_E's prior tilted at T, whichever Q ranks
+  higher (:class:`ChoicePolicy`);
 * ``ascent:T:K[:ETA]``: the mode of prior(a|s)·exp(Q(s,a)/T) found by K preconditioned
   ascent steps from the prior's mode (:func:`tilted_mode`), kept where it scores above the
   best of the tilted candidates (:class:`AscentPolicy`).
@@ -54,10 +56,10 @@ DEFAULT_RULES = ["config", "prior_mode", "tilted:1", "tilted:4", "boltzmann:1"]
 def parse_rule(rule: str) -> tuple[str, tuple[float, ...]]:
     """``NAME[:ARGS]`` -> ``(name, numbers)``, checked before anything is trained."""
     name, *args = rule.split(":")
-    arity = {"config": (0, 0), "prior_mode": (0, 0), "tilted": (1, 1), "boltzmann": (1, 1), "ascent": (2, 3)}
+    arity = {"config": (0, 0), "prior_mode": (0, 0), "tilted": (1, 1), "boltzmann": (1, 1), "ascent": (2, 3), "choice": (1, 1)}
     if name not in arity or not arity[name][0] <= len(args) <= arity[name][1]:
-        raise SystemExit(f"unknown acting rule {rule!r}: use config, prior_mode, tilted:T, boltzmann:T or "
-                         "ascent:T:K[:ETA] (e.g. tilted:4)")
+        raise SystemExit(f"unknown acting rule {rule!r}: use config, prior_mode, tilted:T, boltzmann:T, choice:T "
+                         "or ascent:T:K[:ETA] (e.g. tilted:4)")
     try:
         numbers = tuple(float(x) for x in args)
     except ValueError:
@@ -120,6 +122,20 @@ class AscentPolicy(TiltedPriorPolicy):
         return torch.where((f > sampled_f).unsqueeze(1), action, sampled)
 
 
+class ChoicePolicy(TiltedPriorPolicy):
+    """Per state, the refit's mode or D_E's prior tilted by Q, whichever Q ranks higher
+    (a Q-greedy choice between the two controllers; an experiment)."""
+
+    def actions(self, enc: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        refit = self.relabeled_prior.mode(enc)
+        noise = self._noise(enc.shape[0], (self.num_candidates, self.prior.act_dim), True, enc.device)
+        cands, log_prior = self.prior.candidates(enc, noise)
+        clone = self._pick(enc, cands, log_prior, log_prior, True)
+        both = torch.stack([refit, clone], 1)  # (B, 2, A)
+        q = self.q_net(enc, both).min(0).values  # (B, 2)
+        return both[torch.arange(enc.shape[0], device=enc.device), q.argmax(1)]
+
+
 def sibling_policy(model, policy_cls, **init_args):
     """A policy of ``policy_cls`` built on ``model``'s Q, carrying the fitted priors of the
     model's own policy where it has them; the model is left as it is."""
@@ -152,6 +168,8 @@ def rule_policy(model, rule: str):
                                                num_candidates=candidates, tilt_after_refit=True),
               "boltzmann": lambda: sibling_policy(model, BoltzmannPolicy, temperature=numbers[0],
                                                   num_candidates=candidates),
+              "choice": lambda: sibling_policy(model, ChoicePolicy, temperature=numbers[0],
+                                               num_candidates=candidates),
               "ascent": lambda: sibling_policy(model, AscentPolicy, temperature=numbers[0], steps=int(numbers[1]),
                                                eta=numbers[2], num_candidates=candidates)}[name]()
 

@@ -458,6 +458,15 @@ class OfflineIRLDataModule(LightningDataModule):
         """The episode number of each transition of D_E or D, ``(N,)`` integers."""
         return self._store(which).episode_number
 
+    def consecutive_share(self, which: str) -> float:
+        """The share of D_E's or D's transitions that the next one of their episode follows
+        in the set: about 1 for whole demonstrations, 0 after ``expert_subsample`` (every
+        kept transition then stands alone)."""
+        store = self._store(which)
+        if len(store) == 0:
+            return 0.0
+        return 1.0 - int(torch.unique(store.episode).numel()) / len(store)
+
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"obs_mean": self.obs_mean, "obs_std": self.obs_std} if self._loaded else {}

@@ -56,6 +56,8 @@ class OfflineData(Protocol):
 
     def episodes(self, which: str) -> Tensor: ...  # episode id (int) of each transition
 
+    def consecutive_share(self, which: str) -> float: ...  # transitions their successor follows in the set
+
 
 def batch_observations(obs: np.ndarray | Tensor, obs_kind: str, device: torch.device) -> tuple[Tensor, bool]:
     """Raw observation(s) as a batched tensor on ``device``, and whether one came unbatched."""
@@ -267,9 +269,16 @@ class TiltedPriorPolicy(QPolicy):
         hidden_sizes: hidden widths of the prior's network.
         fit_steps: maximum-likelihood (Adam) steps of each fit of the prior.
         lr: learning rate of those fits.
-        relabel: where D holds more than D_E, refit the prior after training to D as the
-            trained loop labels it, and act with that one: the learned reward and Q label
-            logged data cloning cannot (halfcheetah with mixed data: BC on all of D 6).
+        relabel: whether, where D holds more than D_E, the prior is refitted after training
+            to D as the trained loop labels it, and acting uses that one: the learned reward
+            and Q label logged data cloning cannot (halfcheetah with mixed data: BC on all of
+            D 6). ``"auto"`` (the default) refits only where D_E's demonstrations are sparse:
+            less than half of D_E's transitions are followed by their successor
+            (:meth:`~bicql_lightning.OfflineIRLDataModule.consecutive_share`; 0 after
+            ``expert_subsample``). Whole demonstrations are cloned well by D_E's own prior,
+            and beside a larger D of another behaviour the refit follows D instead (one
+            hopper demonstration beside medium data: the refit 20, D_E's prior tilted by Q
+            98.8, ``bench/NOTES.md``). ``True`` always refits, ``False`` never does.
         relabel_weights: how D's transitions are weighted in that refit. ``"advantage"``
             (the default): every transition, by :func:`advantage_weights` of its soft
             advantage under the final Q, an advantage-weighted fit. ``"episodes"``: only the
@@ -294,7 +303,7 @@ class TiltedPriorPolicy(QPolicy):
 
     def __init__(self, temperature: float | None = 4.0, num_candidates: int = 64,
                  hidden_sizes: list[int] = [256, 256],  # noqa: B006 - jsonargparse needs a literal
-                 fit_steps: int = 20000, lr: float = 3e-4, relabel: bool = True,
+                 fit_steps: int = 20000, lr: float = 3e-4, relabel: bool | Literal["auto"] = "auto",
                  relabel_weights: Literal["advantage", "episodes"] = "advantage", advantage_scale: float = 1.0,
                  expert_like_fraction: float = 0.5, tilt_after_refit: bool = False):
         super().__init__(temperature, num_candidates)
@@ -308,7 +317,10 @@ class TiltedPriorPolicy(QPolicy):
             raise ValueError(f"policy relabel_weights must be 'advantage' or 'episodes', got {relabel_weights!r}")
         if not (np.isfinite(advantage_scale) and advantage_scale > 0):
             raise ValueError(f"policy advantage_scale must be a positive number, got {advantage_scale}")
-        self.relabel, self.expert_like_fraction = relabel, expert_like_fraction
+        if relabel not in (True, False, "auto"):
+            raise ValueError(f"policy relabel must be 'auto', true or false, got {relabel!r}")
+        self.relabel = relabel if relabel == "auto" else bool(relabel)
+        self.expert_like_fraction = expert_like_fraction
         self.relabel_weights, self.advantage_scale = relabel_weights, advantage_scale
         self.tilt_after_refit = bool(tilt_after_refit)
 
@@ -359,10 +371,18 @@ class TiltedPriorPolicy(QPolicy):
         self._fit(self.prior, *data.pairs("expert"), generator)
         self.fitted.fill_(True)
 
+    def refits(self, data: OfflineData) -> bool:
+        """Whether :meth:`refit` replaces D_E's prior with a fit to D (``relabel``)."""
+        if self.discrete or self.relabel is False or data.offline_is_expert:
+            return False
+        return self.relabel is True or data.consecutive_share("expert") < 0.5
+
     def refit(self, data: OfflineData, reward: Any, generator: torch.Generator,
               advantage: Callable[[Tensor, Tensor], Tensor] | None = None) -> dict[str, float]:
-        if self.discrete or not self.relabel or data.offline_is_expert:
+        if self.discrete or self.relabel is False or data.offline_is_expert:
             return {}  # D is D_E: D_E's prior is already that fit
+        if not self.refits(data):
+            return {"policy/relabeled_share": 0.0}  # whole demonstrations: D_E's prior acts
         chunk = 1 << 14
 
         def rewards(which: str, score: Any = reward) -> Tensor:

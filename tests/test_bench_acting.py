@@ -90,7 +90,7 @@ class PendulumTask:  # the two datasets a with-mixed cell reads, on the tiny Pen
         return self.ids[kind]
 
 
-def kept_cell(tiny, tmp_path, demos="sub20"):
+def kept_cell(tiny, tmp_path, demos="sub20", **policy_args):
     """A tiny BiCQL-ML with-mixed cell trained and kept where bench.run keeps its cells: ``(model, dm)``."""
     import lightning.pytorch as pl
 
@@ -104,10 +104,49 @@ def kept_cell(tiny, tmp_path, demos="sub20"):
                          enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
     model = BiCQLML(hidden_sizes=[16], reward_hidden_sizes=[16], proposal_hidden_sizes=[16],
                     proposal_fit_steps=10, num_action_samples=4,
-                    policy={"init_args": {"num_candidates": 4, "hidden_sizes": [16], "fit_steps": 10}})
+                    policy={"init_args": {"num_candidates": 4, "hidden_sizes": [16], "fit_steps": 10, **policy_args}})
     trainer.fit(model, dm)
     trainer.save_checkpoint(checkpoint_path(tmp_path, PendulumTask(tiny), "with-mixed", demos, 1, seed=0))
     return model, dm
+
+
+def trained_under_the_old_default(path):
+    """Drop ``relabel`` from a checkpoint's policy arguments, as checkpoints saved before it
+    had a default of ``auto`` lack it: loading then applies the current default."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state["hyper_parameters"]["policy"]["init_args"].pop("relabel")
+    torch.save(state, path)
+
+
+def test_rescore_plays_d_e_s_prior_on_a_kept_cell_whose_refit_the_current_default_drops(tiny, tmp_path):
+    from bench.acting import run_model
+    from bench.rescore import rescore
+    from bench.run import EVAL_SEEDS, checkpoint_path
+    from bicql_lightning import RolloutEvaluation
+
+    task, config = PendulumTask(tiny), {"data": {"batch_size": 16}}
+    trained, dm = kept_cell(tiny, tmp_path, demos="full", relabel=True)  # whole demonstrations, refitted
+    assert bool(trained.policy.relabeled)
+    trained_under_the_old_default(checkpoint_path(tmp_path, task, "with-mixed", "full", 1, seed=0))
+    row = {"task": "pendulum", "regime": "with-mixed", "demos": "full", "N": 1, "seed": 0, "algo": "bicql",
+           "normalized_score": -7.0, "return": -1.0, "return_std": 0.0, "wall_s": 3.0, "reward_corr_mixed": 0.5}
+    new = rescore(row, task, str(tmp_path), config)
+    # The score is that of the same weights acting from D_E's prior, tilted by Q.
+    model = run_model(task, "with-mixed", 1, 0, config, "full", str(tmp_path), data=dm)[0]
+    model.policy.relabeled.fill_(False)
+    want = RolloutEvaluation(every_n_updates=0, episodes=EVAL_SEEDS[1], seed=EVAL_SEEDS[0]).evaluate_module(model.eval(), dm)
+    assert new["normalized_score"] == want["normalized_score"] and new["return"] == want["return"]
+    assert new["rescored"]["from_score"] == -7.0 and "relabel: auto" in new["rescored"]["change"]
+    assert (new["wall_s"], new["reward_corr_mixed"]) == (3.0, 0.5)  # the training's, unchanged
+    # A sparse cell's refit stays: nothing to rescore.
+    kept_cell(tiny, tmp_path, demos="sub20", relabel=True)
+    trained_under_the_old_default(checkpoint_path(tmp_path, task, "with-mixed", "sub20", 1, seed=0))
+    assert rescore({**row, "demos": "sub20"}, task, str(tmp_path), config) is None
+    # A refit the checkpoint lacks needs training's random state: refused.
+    kept_cell(tiny, tmp_path, demos="sub20", relabel=False)
+    trained_under_the_old_default(checkpoint_path(tmp_path, task, "with-mixed", "sub20", 1, seed=0))
+    with pytest.raises(SystemExit, match="rerun the cell with bench.run"):
+        rescore({**row, "demos": "sub20"}, task, str(tmp_path), config)
 
 
 def test_the_weights_a_bench_run_cell_kept_are_acted_on_without_training(tiny, tmp_path):

@@ -22,8 +22,9 @@ def tilted_model(**policy_args):
 class FakeData:
     """The named data contract (policies.OfflineData) over given tensors."""
 
-    def __init__(self, expert, offline=None, offline_episodes=None):
+    def __init__(self, expert, offline=None, offline_episodes=None, consecutive=0.0):
         self.sets = {"expert": expert, "offline": offline or expert}
+        self.consecutive = consecutive  # D_E's pairs stand alone unless told (subsampled demonstrations)
         self.episode_ids = {"expert": torch.zeros(len(expert[0]), dtype=torch.int32),
                             "offline": offline_episodes}
         self.offline_is_expert = offline is None
@@ -37,6 +38,9 @@ class FakeData:
 
     def episodes(self, which):
         return self.episode_ids[which]
+
+    def consecutive_share(self, which):
+        return self.consecutive
 
 
 @pytest.mark.parametrize("make", [
@@ -57,7 +61,7 @@ def test_greedy_act_is_a_function_of_each_observation_alone(make):
 def test_the_default_controller_is_the_tilted_clipped_gaussian_prior_at_temperature_four():
     model = BiCQLML(spaces=BOX, hidden_sizes=[16])
     assert isinstance(model.policy, TiltedPriorPolicy)
-    assert (model.policy.temperature, model.policy.num_candidates, model.policy.relabel) == (4.0, 64, True)
+    assert (model.policy.temperature, model.policy.num_candidates, model.policy.relabel) == (4.0, 64, "auto")
     assert (model.policy.relabel_weights, model.policy.tilt_after_refit) == ("advantage", False)
     assert model.policy.prior.distribution == "clipped"
     # The benchmark's training settings are the defaults too.
@@ -168,6 +172,28 @@ def test_refit_clones_the_episodes_the_learned_reward_ranks_as_expert_like():
     fresh = tilted_model()
     assert fresh.policy.refit(FakeData((obs, actions)), lambda o, a: a.sum(-1), torch.Generator()) == {}
     assert fresh.policy.acting_prior is fresh.policy.prior and fresh.policy.revision == 0
+
+
+def test_by_default_whole_demonstrations_keep_their_own_prior_and_sparse_ones_are_refitted_to_d():
+    obs = torch.randn(400, 5, generator=torch.Generator().manual_seed(1))
+    actions = 0.3 * torch.ones(400, 2)
+    advantage = dict(advantage=lambda o, a: o[:, 0])
+    for consecutive, refits in ((0.999, False), (0.5, False), (0.49, True), (0.0, True)):
+        model = tilted_model(fit_steps=5)
+        data = FakeData((obs[:50], actions[:50]), (obs, actions), torch.arange(400).int(), consecutive=consecutive)
+        model.policy.fit(data, torch.Generator().manual_seed(0))
+        metrics = model.policy.refit(data, lambda o, a: a.sum(-1), torch.Generator().manual_seed(0), **advantage)
+        assert bool(model.policy.relabeled) == refits and model.policy.revision == int(refits)
+        assert (model.policy.acting_prior is model.policy.relabeled_prior) == refits
+        assert (metrics["policy/relabeled_share"] > 0) == refits
+    # relabel: true refits whole demonstrations too, false never refits.
+    for relabel, refits in ((True, True), (False, False)):
+        model = tilted_model(fit_steps=5, relabel=relabel)
+        data = FakeData((obs[:50], actions[:50]), (obs, actions), torch.arange(400).int(), consecutive=1.0)
+        model.policy.refit(data, lambda o, a: a.sum(-1), torch.Generator().manual_seed(0), **advantage)
+        assert bool(model.policy.relabeled) == refits
+    with pytest.raises(ValueError, match="policy relabel must be 'auto', true or false"):
+        TiltedPriorPolicy(relabel="sometimes")
 
 
 def test_demonstration_pairs_in_d_are_always_kept_and_never_crowd_out_the_best_logged_episode():

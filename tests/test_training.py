@@ -62,10 +62,11 @@ def one_torch_thread():
 
 
 def tiny_fit(ids, root, *, callbacks=(), logger=False, max_epochs=1, batches=UPDATES, seed=0, ckpt_path=None,
-             model_kwargs=None):
+             model_kwargs=None, data_kwargs=None):
     """Seeded BiCQLML fit on tiny data: ``batches`` updates per epoch, no checkpointing."""
     L.seed_everything(seed, verbose=False)
-    dm = OfflineIRLDataModule(*ids, batch_size=32, batches_per_epoch=batches, val_size=64, seed=seed)
+    dm = OfflineIRLDataModule(*ids, batch_size=32, batches_per_epoch=batches, val_size=64, seed=seed,
+                              **(data_kwargs or {}))
     model = BiCQLML(**{**TINY_MODEL, **(model_kwargs or {})})
     trainer = L.Trainer(max_epochs=max_epochs, logger=logger, log_every_n_steps=10, enable_checkpointing=False,
                         default_root_dir=root, callbacks=list(callbacks), **QUIET)
@@ -262,7 +263,8 @@ def test_by_default_the_prior_is_refitted_to_all_of_d_weighted_by_the_modules_so
         tiny, tmp_path, monkeypatch):
     # The environment's reward stands in for the module's advantages, so the weights are known.
     monkeypatch.setattr(BiCQLML, "soft_advantages", lambda self, obs, actions: pendulum_reward(obs, actions))
-    model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path)
+    model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path, data_kwargs={"expert_subsample": 10})
+    assert dm.consecutive_share("expert") == 0.0  # sparse demonstrations: D's relabelled prior acts
     assert bool(model.policy.relabeled) and model.policy.revision == 1
     from bicql_lightning.policies import advantage_weights
     weights = advantage_weights(pendulum_reward(*dm.pairs("offline")))
@@ -298,7 +300,8 @@ def test_after_training_the_prior_is_refitted_to_the_episodes_the_reward_ranks_e
             self.seen = getattr(self, "seen", []) + [bool(pl_module.policy.relabeled)]
     seen = Relabeled()
     evaluation = RolloutEvaluation(every_n_updates=UPDATES, episodes=1)
-    episodes_rule = {"policy": {"init_args": {**TINY_MODEL["policy"]["init_args"], "relabel_weights": "episodes"}}}
+    episodes_rule = {"policy": {"init_args": {**TINY_MODEL["policy"]["init_args"], "relabel_weights": "episodes",
+                                              "relabel": True}}}
     model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path / "b", max_epochs=2, callbacks=[seen, evaluation],
                                   model_kwargs=episodes_rule)
     assert seen.seen == [False, False]  # refitted neither before training nor after the first epoch
@@ -331,6 +334,14 @@ def test_after_training_the_prior_is_refitted_to_the_episodes_the_reward_ranks_e
     only, _, _ = tiny_fit((tiny.pendulum_expert, None), tmp_path / "c")
     assert not bool(only.policy.relabeled) and only.policy.revision == 0
     assert not bool(unfiltered.policy.relabeled)  # relabel=False keeps D_E's prior
+
+
+def test_by_default_whole_demonstrations_beside_d_act_with_their_own_prior_tilted_by_q(tiny, tmp_path):
+    model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path)
+    assert dm.consecutive_share("expert") == 0.98  # two whole demonstrations of 50 steps
+    assert not bool(model.policy.relabeled) and model.policy.revision == 0
+    assert model.policy.acting_prior is model.policy.prior and not model.policy.acts_untilted
+    assert float(trainer.callback_metrics["policy/relabeled_share"]) == 0.0
 
 
 def test_reward_net_from_checkpoint_scores_raw_observations_like_the_model(fitted, tmp_path):

@@ -58,7 +58,8 @@ class FitPolicy(Callback):
     demonstrations; a policy a checkpoint already holds fitted is left alone). After the
     last epoch, before the final rollout evaluation and the last checkpoint,
     ``policy.refit`` with the final learned reward (the default controller refits its prior
-    to D's expert-like episodes; a run resumed past that point refits with its new reward).
+    to D, weighted by the soft advantages, where D_E's demonstrations are sparse; a run
+    resumed past that point refits with its new reward).
     Both draw from the module's random stream and are broadcast from rank 0 under DDP.
     BiCQLML adds this callback itself unless one is configured.
     """

@@ -48,6 +48,25 @@ def test_a_sibling_policy_shares_q_and_the_fitted_prior_and_leaves_the_model_alo
     assert model.policy.temperature == 0.05
 
 
+def test_the_choice_rule_plays_whichever_of_the_refit_mode_and_the_tilted_clone_q_ranks_higher():
+    model = make_model()
+    model.policy.relabeled.fill_(True)  # the refit's prior: another network, its own mode
+    obs = np.random.default_rng(3).normal(size=(32, 5)).astype(np.float32)
+    enc = model.encoder(torch.as_tensor(obs))
+    with torch.no_grad():
+        refit = model.policy.relabeled_prior.mode(enc)
+        clone = sibling_policy(model, TiltedPriorPolicy, temperature=0.05, num_candidates=8, hidden_sizes=[16],
+                               tilt_after_refit=True)
+        clone.relabeled.fill_(False)
+        clone = clone.actions(enc, True)
+        q = torch.stack([model.q_net(enc, a.unsqueeze(1)).min(0).values.squeeze(1) for a in (refit, clone)], 1)
+    policy, moved = rule_policy(model, "choice:0.05")
+    got = torch.as_tensor(policy(obs))
+    want = torch.where((q[:, 1] > q[:, 0]).unsqueeze(1), clone, refit)
+    torch.testing.assert_close(got, want)
+    assert 0 < moved[0] < 32 and moved[1] == 32  # moved: off the refit's mode, to the clone's pick
+
+
 def test_rules_are_checked_before_anything_is_trained():
     assert parse_rule("tilted:3") == ("tilted", (3.0,))
     assert parse_rule("ascent:4:20") == ("ascent", (4.0, 20.0, 0.5))

@@ -26,6 +26,7 @@ Reward sources:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -41,7 +42,7 @@ from bench.datasets import Task, read_manifest
 from bench.machine import machine
 from bench.run import EVAL_SEEDS, append_line, checkpoint_path, git_commit, versions
 from bicql_lightning import IQLearn, LearnedRewardWrapper, RewardNet
-from bicql_lightning.callbacks import normalized_score, rollout_returns
+from bicql_lightning.callbacks import normalized_score, rollout_episodes
 
 DEFAULT_SOURCES = ("true", "constant", "bicql:with-mixed:sub20:1", "bicql:expert-only:full:1",
                    "iqlearn:with-mixed:sub20:1")
@@ -97,9 +98,15 @@ def make_env(task: Task, source: str, checkpoint: Path | None) -> gym.Env:
         return env
     if kind == "constant":
         return ConstantReward(env)
+    return LearnedRewardWrapper(env, learned_reward(kind, str(checkpoint)))
+
+
+@functools.lru_cache(maxsize=4)
+def learned_reward(kind: str, checkpoint: str) -> RewardNet | IQLearnReward:
+    """A checkpoint's reward, loaded once for the training environment and every evaluation one."""
     if kind == "bicql":
-        return LearnedRewardWrapper(env, RewardNet.from_checkpoint(checkpoint))
-    return LearnedRewardWrapper(env, IQLearnReward(IQLearn.load_from_checkpoint(checkpoint, map_location="cpu")))
+        return RewardNet.from_checkpoint(checkpoint)
+    return IQLearnReward(IQLearn.load_from_checkpoint(checkpoint, map_location="cpu"))
 
 
 def references(task: Task) -> tuple[float, float]:
@@ -108,17 +115,29 @@ def references(task: Task) -> tuple[float, float]:
     return float(meta["ref_min_score"]), float(meta["ref_max_score"])
 
 
-def evaluate(model, task: Task, refs: tuple[float, float]) -> dict[str, float]:
-    """Deterministic actions on the true reward, one episode per protocol seed."""
-    envs = [task.make_env() for _ in range(EVAL_SEEDS[1])]
+def evaluate(model, task: Task, refs: tuple[float, float], source: str = "true",
+             checkpoint: Path | None = None) -> dict[str, float | None]:
+    """Deterministic actions, one episode per protocol seed, scored on the true reward.
+
+    The episodes run in the source's environment (its reward wrapper changes no observation
+    or termination, so the score is the same as in the bare one), which says what the policy
+    is paid for: the source's return, the episode length (survival) and, where MuJoCo reports
+    it, the mean forward velocity (speed).
+    """
+    envs = [make_env(task, source, checkpoint) for _ in range(EVAL_SEEDS[1])]
     try:
-        returns = rollout_returns(envs, lambda obs: model.predict(obs, deterministic=True)[0],
-                                  list(range(EVAL_SEEDS[0], EVAL_SEEDS[0] + EVAL_SEEDS[1])))
+        ep = rollout_episodes(envs, lambda obs: model.predict(obs, deterministic=True)[0],
+                              list(range(EVAL_SEEDS[0], EVAL_SEEDS[0] + EVAL_SEEDS[1])),
+                              info_keys=("true_reward", "x_velocity"))
     finally:
         for env in envs:
             env.close()
-    ret = float(returns.mean())
-    return {"return": ret, "return_std": float(returns.std()), "normalized_score": normalized_score(ret, *refs)}
+    true = ep["return"] if source == "true" else ep["true_reward"]
+    velocity = ep["x_velocity"] / ep["length"]
+    ret = float(true.mean())
+    return {"return": ret, "return_std": float(true.std()), "normalized_score": normalized_score(ret, *refs),
+            "source_return": float(ep["return"].mean()), "length": float(ep["length"].mean()),
+            "x_velocity": float(velocity.mean()) if np.isfinite(velocity).all() else None}
 
 
 def train(task: Task, source: str, seed: int, steps: int, eval_every: int, checkpoint: Path | None,
@@ -139,7 +158,7 @@ def train(task: Task, source: str, seed: int, steps: int, eval_every: int, check
         chunk = min(eval_every, steps - done)
         model.learn(total_timesteps=chunk, reset_num_timesteps=False)
         done += chunk
-        point = {"steps": done, **evaluate(model, task, refs), "wall_s": round(time.perf_counter() - start, 1)}
+        point = {"steps": done, **evaluate(model, task, refs, source, checkpoint), "wall_s": round(time.perf_counter() - start, 1)}
         curve.append(point)
         if progress is not None:
             progress.parent.mkdir(parents=True, exist_ok=True)
@@ -205,9 +224,52 @@ def report(rows: list[dict], out: Path) -> str:
         fig.tight_layout()
         fig.savefig(out / f"curves_{task}.png", dpi=120)
         plt.close(fig)
+    lines += diagnostics(rows, out)
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     return text
+
+
+DIAGNOSTICS = (("source_return", "return on the source's reward"), ("length", "episode length (steps)"),
+               ("x_velocity", "mean forward velocity"))
+
+
+def diagnostics(rows: list[dict], out: Path) -> list[str]:
+    """What each source paid SAC for, from runs whose evaluations recorded it: per task,
+    ``out/diagnostics_<task>.png`` (the source's own return, the episode length and the forward
+    velocity of the evaluation episodes, mean over seeds) and table lines at the last
+    evaluation every such run reached."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if all("length" in p for p in r["curve"])]
+    lines = []
+    if rows:
+        lines = ["", "| task | reward source | seeds | steps | return on the source's reward | episode length | "
+                 "mean forward velocity |", "|---|---|---|---|---|---|---|"]
+    for task in sorted({r["task"] for r in rows}):
+        task_rows = [r for r in rows if r["task"] == task]
+        common = min(r["curve"][-1]["steps"] for r in task_rows)
+        fig, axes = plt.subplots(1, len(DIAGNOSTICS), figsize=(5 * len(DIAGNOSTICS), 3.8))
+        for source in dict.fromkeys(r["source"] for r in task_rows):
+            runs = [{p["steps"]: p for p in r["curve"]} for r in task_rows if r["source"] == source]
+            steps = sorted(set.intersection(*(set(c) for c in runs)))
+            finals = []
+            for ax, (key, label) in zip(axes, DIAGNOSTICS):
+                values = [[c[s][key] for c in runs] for s in steps]
+                known = [(s, float(np.mean(v))) for s, v in zip(steps, values) if None not in v]
+                if known:
+                    ax.plot(*zip(*known), marker="o", label=source)
+                ax.set_xlabel("environment steps")
+                ax.set_title(label, fontsize=10)
+                final = [c[common][key] for c in runs]
+                finals.append("–" if None in final else f"{np.mean(final):.2f}")
+            lines.append(f"| {task} | {source} | {len(runs)} | {common} | {' | '.join(finals)} |")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{task}: what each source paid SAC for (deterministic evaluation episodes)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / f"diagnostics_{task}.png", dpi=110)
+        plt.close(fig)
+    return lines
 
 
 def run_key(row: dict) -> tuple:

@@ -117,19 +117,31 @@ def rollout_returns(envs: list[gym.Env], act: Callable[[np.ndarray], np.ndarray]
     the episodes still running, so the policy runs once per time step, not once per
     environment step.
     """
+    return rollout_episodes(envs, act, seeds)["return"]
+
+
+def rollout_episodes(envs: list[gym.Env], act: Callable[[np.ndarray], np.ndarray], seeds: list[int],
+                     info_keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """``rollout_returns``'s episodes, with their ``"length"`` and, per name in ``info_keys``,
+    the sum over the episode of that entry of the step's ``info`` (NaN where a step lacks it):
+    what a reward wrapper keeps beside the reward it pays (``"true_reward"``) or what the
+    environment reports (MuJoCo's ``"x_velocity"``)."""
     obs = [env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)]
-    returns = np.zeros(len(envs))
+    sums = {name: np.zeros(len(envs)) for name in ("return", "length", *info_keys)}
     running = list(range(len(envs)))
     while running:
         actions = act(np.stack([obs[k] for k in running]))
         still = []
         for k, action in zip(running, actions):
-            obs[k], reward, terminated, truncated, _ = envs[k].step(action)
-            returns[k] += float(reward)
+            obs[k], reward, terminated, truncated, info = envs[k].step(action)
+            sums["return"][k] += float(reward)
+            sums["length"][k] += 1
+            for name in info_keys:
+                sums[name][k] += float(info.get(name, np.nan))
             if not (terminated or truncated):
                 still.append(k)
         running = still
-    return returns
+    return sums
 
 
 def _revision(pl_module: LightningModule) -> int:

@@ -138,6 +138,7 @@ def test_a_run_records_one_true_reward_evaluation_per_interval(pendulum_checkpoi
     for p in row["curve"]:
         assert p["normalized_score"] == pytest.approx(100 * (p["return"] + 1200) / 1050)
     assert row["normalized_score"] == scores[-1] and row["auc"] == pytest.approx(np.mean(scores))
+    assert all(p["length"] == 200 and np.isfinite(p["source_return"]) for p in row["curve"])
     assert row["source"] == "bicql:with-mixed:sub20:1" and row["sac_settings"]["learning_starts"] == 40
     json.dumps(row)  # one JSON line
     # The reward SAC saw is the checkpoint's RewardNet.
@@ -146,6 +147,48 @@ def test_a_run_records_one_true_reward_evaluation_per_interval(pendulum_checkpoi
     obs, _ = env.reset(seed=0)
     _, r, *_ = env.step(np.array([1.0], np.float32))
     assert r == pytest.approx(float(net.predict(obs, np.array([1.0], np.float32))), abs=1e-6)
+
+
+class FixedAction:
+    """A model with SB3's ``predict`` that plays one action everywhere."""
+
+    def __init__(self, action):
+        self.action = np.asarray(action, np.float32)
+
+    def predict(self, obs, deterministic=True):
+        return np.repeat(self.action[None], len(obs), axis=0), None
+
+
+def test_evaluation_scores_the_true_reward_whatever_the_source_and_records_what_the_source_paid(tmp_path):
+    task = Task(name="hopper", env_id="Hopper-v5", env_kwargs={}, expert_file=tmp_path / "unused.npz")
+    model, refs = FixedAction(np.zeros(3)), (0.0, 1000.0)
+    true = transfer_online.evaluate(model, task, refs, "true")
+    constant = transfer_online.evaluate(model, task, refs, "constant")
+    # The wrapper changes the reward only: the same episodes, the same true score.
+    assert constant["return"] == true["return"] and constant["length"] == true["length"]
+    assert constant["normalized_score"] == pytest.approx(true["return"] / 10)
+    assert constant["source_return"] == constant["length"]  # +1 per step
+    assert true["source_return"] == true["return"]
+    # A hopper that holds still falls over within the time limit, moving little.
+    assert 10 < true["length"] < 1000 and abs(true["x_velocity"]) < 1.0
+    pendulum = Task(name="pendulum", env_id="Pendulum-v1", env_kwargs={}, expert_file=tmp_path / "unused.npz")
+    point = transfer_online.evaluate(FixedAction([0.0]), pendulum, (-1200.0, -150.0), "constant")
+    assert point["length"] == 200 and point["x_velocity"] is None  # Pendulum reports no velocity
+
+
+def test_report_lists_what_each_source_paid_for_where_the_runs_recorded_it(tmp_path):
+    def row(source, seed, lengths):
+        return {"task": "hopper", "source": source, "seed": seed,
+                "curve": [{"steps": 10 * (i + 1), "normalized_score": 1.0, "source_return": 2.0 * n, "length": n,
+                           "x_velocity": 0.5} for i, n in enumerate(lengths)]}
+    rows = [row("true", 0, [100, 300]), row("true", 1, [200, 500]), row("constant", 0, [1000, 1000]),
+            {"task": "hopper", "source": "old", "seed": 0, "curve": [{"steps": 10, "normalized_score": 0.0},
+                                                                      {"steps": 20, "normalized_score": 0.0}]}]
+    text = transfer_online.report(rows, tmp_path)
+    assert "| hopper | true | 2 | 20 | 800.00 | 400.00 | 0.50 |" in text
+    assert "| hopper | constant | 1 | 20 | 2000.00 | 1000.00 | 0.50 |" in text
+    assert "| hopper | old |" in text and text.count("| hopper | old |") == 1  # in the scores table only
+    assert (tmp_path / "diagnostics_hopper.png").stat().st_size > 0
 
 
 def test_report_compares_sources_at_the_last_evaluation_every_run_reached(tmp_path):

@@ -9,6 +9,8 @@ One scatter panel per dataset, episodes coloured by length, with Spearman's corr
 (the protocol's reward-recovery metric) and two diagnostics of *what* the reward pays
 for: the Spearman correlation of the learned return with the episode's length, and of
 the learned *per-step mean* with the true per-step mean (speed and posture, not survival).
+For a bounded reward it also gives the share of transitions within 0.01 of the bound's floor:
+there the reward is flat, so an RL learner on it gets no signal which way to go.
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ from bicql_lightning import RewardNet, load_transitions
 
 @torch.no_grad()
 def episode_returns(net: RewardNet, dataset_id: str) -> dict[str, np.ndarray]:
-    """Per episode: learned return, true return and length."""
+    """Per episode: learned return, true return, length and transitions at the reward's floor."""
     t = load_transitions(dataset_id)
     learned = net(torch.as_tensor(t.observations), torch.as_tensor(t.actions)).double().numpy()
     episodes = t.episode_ids.astype(np.int64)
+    floor = float(net.offset) - net.reward_bound if net.reward_bound > 0 else -np.inf
     return {"learned": np.bincount(episodes, weights=learned),
             "true": np.bincount(episodes, weights=t.rewards.astype(np.float64)),
-            "length": np.bincount(episodes).astype(np.float64)}
+            "length": np.bincount(episodes).astype(np.float64),
+            "at_floor": np.bincount(episodes, weights=(learned < floor + 0.01).astype(np.float64))}
 
 
 def diagnostics(ep: dict[str, np.ndarray]) -> dict[str, float]:
@@ -42,6 +46,7 @@ def diagnostics(ep: dict[str, np.ndarray]) -> dict[str, float]:
             "true_return_vs_length_spearman": spearman(ep["true"], ep["length"]),
             "per_step_spearman": spearman(ep["learned"] / ep["length"], ep["true"] / ep["length"]),
             "learned_per_step_mean": float(ep["learned"].sum() / ep["length"].sum()),
+            "share_at_floor": float(ep["at_floor"].sum() / ep["length"].sum()),
             "episodes": int(len(ep["true"]))}
 
 

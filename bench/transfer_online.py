@@ -158,7 +158,8 @@ def train(task: Task, source: str, seed: int, steps: int, eval_every: int, check
         chunk = min(eval_every, steps - done)
         model.learn(total_timesteps=chunk, reset_num_timesteps=False)
         done += chunk
-        point = {"steps": done, **evaluate(model, task, refs, source, checkpoint), "wall_s": round(time.perf_counter() - start, 1)}
+        point = {"steps": done, **evaluate(model, task, refs, source, checkpoint),
+                 "wall_s": round(time.perf_counter() - start, 1)}
         curve.append(point)
         if progress is not None:
             progress.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,10 @@ Reward sources:
   saved for that cell and the run's seed, through ``LearnedRewardWrapper``;
 * ``iqlearn:REGIME:DEMOS:N``: IQ-Learn's recovered reward Q(s,a) - γ(1-done)V(s') of
   that cell's checkpoint.
+
+``--variant NAME`` marks runs whose checkpoints were trained with other settings than the
+benchmark's (``bench.run --configs DIR --checkpoints OTHER``): rows record it and the
+report names their source ``SOURCE (NAME)``, beside the default's.
 """
 
 from __future__ import annotations
@@ -204,7 +208,7 @@ def report(rows: list[dict], out: Path) -> str:
         common = min(r["curve"][-1]["steps"] for r in task_rows)
         curves: dict[str, list[dict[int, float]]] = {}
         for r in task_rows:
-            curves.setdefault(r["source"], []).append({p["steps"]: p["normalized_score"] for p in r["curve"]})
+            curves.setdefault(label(r), []).append({p["steps"]: p["normalized_score"] for p in r["curve"]})
         fig, ax = plt.subplots(figsize=(6, 4))
         area = {}
         for source, runs in curves.items():
@@ -251,17 +255,17 @@ def diagnostics(rows: list[dict], out: Path) -> list[str]:
         task_rows = [r for r in rows if r["task"] == task]
         common = min(r["curve"][-1]["steps"] for r in task_rows)
         fig, axes = plt.subplots(1, len(DIAGNOSTICS), figsize=(5 * len(DIAGNOSTICS), 3.8))
-        for source in dict.fromkeys(r["source"] for r in task_rows):
-            runs = [{p["steps"]: p for p in r["curve"]} for r in task_rows if r["source"] == source]
+        for source in dict.fromkeys(label(r) for r in task_rows):
+            runs = [{p["steps"]: p for p in r["curve"]} for r in task_rows if label(r) == source]
             steps = sorted(set.intersection(*(set(c) for c in runs)))
             finals = []
-            for ax, (key, label) in zip(axes, DIAGNOSTICS):
+            for ax, (key, title) in zip(axes, DIAGNOSTICS):
                 values = [[c[s][key] for c in runs] for s in steps]
                 known = [(s, float(np.mean(v))) for s, v in zip(steps, values) if None not in v]
                 if known:
                     ax.plot(*zip(*known), marker="o", label=source)
                 ax.set_xlabel("environment steps")
-                ax.set_title(label, fontsize=10)
+                ax.set_title(title, fontsize=10)
                 final = [c[common][key] for c in runs]
                 finals.append("–" if None in final else f"{np.mean(final):.2f}")
             lines.append(f"| {task} | {source} | {len(runs)} | {common} | {' | '.join(finals)} |")
@@ -274,7 +278,12 @@ def diagnostics(rows: list[dict], out: Path) -> list[str]:
 
 
 def run_key(row: dict) -> tuple:
-    return row["task"], row["source"], row["seed"], row["steps"]
+    return row["task"], row["source"], row.get("variant"), row["seed"], row["steps"]
+
+
+def label(row: dict) -> str:
+    """The source as tables and figures name it: with its variant, where the run has one."""
+    return f"{row['source']} ({row['variant']})" if row.get("variant") else row["source"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="train nothing: write DIR/curves_<task>.png and DIR/table.md from --results (and "
                              "--also files, e.g. runs stopped early)")
     parser.add_argument("--also", nargs="*", default=[], help="more results files for --report")
+    parser.add_argument("--variant", default=None,
+                        help="a name for checkpoints trained with other settings than the benchmark's "
+                             "(e.g. reward_level=data): recorded in each row, shown next to the source")
     args = parser.parse_args(argv)
     if args.report:
         rows = [json.loads(line) for path in [args.results, *args.also] if Path(path).exists()
@@ -318,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     for task in tasks:
         for seed in args.seeds:
             for source in args.sources:
-                if (task.name, source, seed, args.steps) in done:
+                if (task.name, source, args.variant, seed, args.steps) in done:
                     continue
                 ckpt = None
                 if parse_source(source)[1] is not None:
@@ -328,12 +340,15 @@ def main(argv: list[str] | None = None) -> None:
                               "(run that bench.run cell with --checkpoints first)", flush=True)
                         continue
                 torch.manual_seed(seed)
-                progress = results.parent / f"{results.stem}.progress" / f"{task.name}_{source.replace(':', '_')}_{seed}.json"
+                tag = source.replace(':', '_') + (f"_{args.variant}" if args.variant else "")
+                progress = results.parent / f"{results.stem}.progress" / f"{task.name}_{tag}_{seed}.json"
                 row = train(task, source, seed, args.steps, args.eval_every, ckpt,
                             {"learning_starts": min(args.learning_starts, args.steps)}, progress=progress)
                 progress.unlink(missing_ok=True)
+                if args.variant:
+                    row["variant"] = args.variant
                 append_line(results, json.dumps(row))
-                print(f"{task.name} {source} seed={seed}: final={row['normalized_score']:.1f} auc={row['auc']:.1f} "
+                print(f"{task.name} {label(row)} seed={seed}: final={row['normalized_score']:.1f} auc={row['auc']:.1f} "
                       f"wall={row['wall_s']}s", flush=True)
 
 

@@ -202,3 +202,15 @@ def test_report_compares_sources_at_the_last_evaluation_every_run_reached(tmp_pa
     assert "| hopper | true | 2 | 30 | 45.0 | 1.00 |" in text
     assert "| hopper | bicql:with-mixed:sub20:1 | 1 | 30 | 30.0 | 0.53 |" in text
     assert (tmp_path / "curves_hopper.png").stat().st_size > 0
+
+
+def test_runs_of_a_variant_are_kept_and_reported_apart_from_the_benchmark_default(tmp_path):
+    def row(variant, scores):
+        r = {"task": "hopper", "source": "bicql:with-mixed:sub20:1", "seed": 0, "steps": 20,
+             "curve": [{"steps": 10 * (i + 1), "normalized_score": s} for i, s in enumerate(scores)]}
+        return {**r, "variant": variant} if variant else r
+    default, data = row(None, [0.0, 6.0]), row("reward_level=data", [10.0, 30.0])
+    assert transfer_online.run_key(default) != transfer_online.run_key(data)  # a variant run is not skipped as done
+    text = transfer_online.report([row(None, [0.0, 0.0]) | {"source": "true"}, default, data], tmp_path)
+    assert "| hopper | bicql:with-mixed:sub20:1 | 1 | 20 | 6.0 |" in text
+    assert "| hopper | bicql:with-mixed:sub20:1 (reward_level=data) | 1 | 20 | 30.0 |" in text

@@ -12,8 +12,10 @@ the cell's seed), D_E's prior is fitted on the rest and the refit on D without t
 weights as the default refit gives them, the held-out pairs weightless), both from the same
 initialisation, and each is scored on the held-out expert actions: mean log-likelihood and
 the mode's mean squared error (the action box's units). It also plays D_E's own prior,
-tilted as when D = D_E, on the cell's weights (the benchmark's 10 episodes). One JSON line
-per cell. Nothing of the checkpoints is changed.
+tilted as when D = D_E, on the cell's weights (the benchmark's 10 episodes), and with
+``--play-refit`` also the refit to all of D (the default refit, forced where ``relabel: auto``
+keeps D_E's prior), from the module's own stream. One JSON line per cell. Nothing of the
+checkpoints is changed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import yaml
 from bench.acting import run_model
 from bench.datasets import read_manifest
 from bench.run import EVAL_SEEDS, ROOT, cell_data
-from bicql_lightning.callbacks import normalized_score, rollout_returns
+from bicql_lightning.callbacks import normalized_score, refit_policy, rollout_returns
 from bicql_lightning.densities import GaussianPolicy, fit_density
 from bicql_lightning.policies import advantage_weights
 
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-checkpoints", required=True, metavar="DIR", help="bench.run's --checkpoints")
     parser.add_argument("--cells", nargs="+", required=True, metavar="TASK:REGIME:DEMOS:SEED")
     parser.add_argument("--config", default=str(ROOT / "configs" / "bench" / "bicql.yaml"))
+    parser.add_argument("--play-refit", action="store_true", help="also play the refit to all of D")
     args = parser.parse_args(argv)
     os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
     tasks = {t.name: t for t in read_manifest(args.manifest)}
@@ -90,11 +93,20 @@ def main(argv: list[str] | None = None) -> None:
         out = {"task": name, "regime": regime, "demos": demos, "N": 1, "seed": seed,
                "expert_pairs": dm.num_transitions("expert"),
                **{k: round(v, 4) for k, v in heldout_fits(model, dm, seed).items()}}
-        model.policy.relabeled.fill_(False)  # act from D_E's own prior, tilted, as when D = D_E
         envs = [task.make_env() for _ in range(EVAL_SEEDS[1])]
-        returns = rollout_returns(envs, model.act, list(range(EVAL_SEEDS[0], EVAL_SEEDS[0] + EVAL_SEEDS[1])))
-        out["expert_prior_tilted_score"] = round(float(np.mean(
-            [normalized_score(float(r), info["random_return"], info["expert_return"]) for r in returns])), 1)
+
+        def play() -> float:
+            returns = rollout_returns(envs, model.act, list(range(EVAL_SEEDS[0], EVAL_SEEDS[0] + EVAL_SEEDS[1])))
+            return round(float(np.mean(
+                [normalized_score(float(r), info["random_return"], info["expert_return"]) for r in returns])), 1)
+
+        model.policy.relabeled.fill_(False)  # act from D_E's own prior, tilted, as when D = D_E
+        model.policy.revision += 1
+        out["expert_prior_tilted_score"] = play()
+        if args.play_refit:
+            model.policy.relabel = True
+            refit_policy(model, dm)
+            out["refit_score"] = play()
         print(json.dumps(out), flush=True)
 
 

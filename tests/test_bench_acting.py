@@ -137,35 +137,45 @@ def trained_under_the_old_default(path):
     torch.save(state, path)
 
 
-def test_rescore_plays_d_e_s_prior_on_a_kept_cell_whose_refit_the_current_default_drops(tiny, tmp_path):
-    from bench.acting import run_model
+def test_rescore_refits_a_kept_cell_exactly_as_a_new_training_under_the_current_default_would(tiny, tmp_path):
     from bench.rescore import rescore
     from bench.run import EVAL_SEEDS, checkpoint_path
     from bicql_lightning import RolloutEvaluation
 
     task, config = PendulumTask(tiny), {"data": {"batch_size": 16}}
-    trained, dm = kept_cell(tiny, tmp_path, demos="full", relabel=True)  # whole demonstrations, refitted
-    assert bool(trained.policy.relabeled)
-    trained_under_the_old_default(checkpoint_path(tmp_path, task, "with-mixed", "full", 1, seed=0))
-    row = {"task": "pendulum", "regime": "with-mixed", "demos": "full", "N": 1, "seed": 0, "algo": "bicql",
-           "normalized_score": -7.0, "return": -1.0, "return_std": 0.0, "wall_s": 3.0, "reward_corr_mixed": 0.5}
-    new = rescore(row, task, str(tmp_path), config)
-    # The score is that of the same weights acting from D_E's prior, tilted by Q.
-    model = run_model(task, "with-mixed", 1, 0, config, "full", str(tmp_path), data=dm)[0]
-    model.policy.relabeled.fill_(False)
-    want = RolloutEvaluation(every_n_updates=0, episodes=EVAL_SEEDS[1], seed=EVAL_SEEDS[0]).evaluate_module(model.eval(), dm)
-    assert new["normalized_score"] == want["normalized_score"] and new["return"] == want["return"]
-    assert new["rescored"]["from_score"] == -7.0 and "relabel: auto" in new["rescored"]["change"]
-    assert (new["wall_s"], new["reward_corr_mixed"]) == (3.0, 0.5)  # the training's, unchanged
-    # A sparse cell's refit stays: nothing to rescore.
-    kept_cell(tiny, tmp_path, demos="sub20", relabel=True)
-    trained_under_the_old_default(checkpoint_path(tmp_path, task, "with-mixed", "sub20", 1, seed=0))
-    assert rescore({**row, "demos": "sub20"}, task, str(tmp_path), config) is None
-    # A refit the checkpoint lacks needs training's random state: refused.
+    evaluate = RolloutEvaluation(every_n_updates=0, episodes=EVAL_SEEDS[1], seed=EVAL_SEEDS[0]).evaluate_module
+    refitted, dm = kept_cell(tiny, tmp_path, demos="sub20", relabel=True)  # trained with the refit
+    want = evaluate(refitted.eval(), dm)
+    # The same cell trained without it, then loaded under the current default (relabel: auto).
     kept_cell(tiny, tmp_path, demos="sub20", relabel=False)
     trained_under_the_old_default(checkpoint_path(tmp_path, task, "with-mixed", "sub20", 1, seed=0))
-    with pytest.raises(SystemExit, match="rerun the cell with bench.run"):
-        rescore({**row, "demos": "sub20"}, task, str(tmp_path), config)
+    row = {"task": "pendulum", "regime": "with-mixed", "demos": "sub20", "N": 1, "seed": 0, "algo": "bicql",
+           "normalized_score": -7.0, "return": -1.0, "return_std": 0.0, "wall_s": 3.0, "reward_corr_mixed": 0.5}
+    new, _ = rescore(row, task, str(tmp_path), config)
+    # The checkpoint's stream is training's at the refit: the score is the refitted training's, exactly.
+    assert new["normalized_score"] == want["normalized_score"] and new["return"] == want["return"]
+    assert new["rescored"]["from_score"] == -7.0 and new["rescored"]["exact"] and new["policy_relabeled_share"] > 0
+    assert (new["wall_s"], new["reward_corr_mixed"]) == (3.0, 0.5)  # the training's, unchanged
+    # A refit the checkpoint holds already: nothing to rescore.
+    kept_cell(tiny, tmp_path, demos="sub20", relabel=True)
+    trained_under_the_old_default(checkpoint_path(tmp_path, task, "with-mixed", "sub20", 1, seed=0))
+    assert rescore(row, task, str(tmp_path), config) == (None, {})
+    # Whole demonstrations refitted under relabel: true: the stream is past that refit, so the
+    # held-out choice is made again on a later draw, and the row says it is not exact.
+    kept_cell(tiny, tmp_path, demos="full", relabel=True)
+    trained_under_the_old_default(checkpoint_path(tmp_path, task, "with-mixed", "full", 1, seed=0))
+    new, metrics = rescore({**row, "demos": "full"}, task, str(tmp_path), config)
+    assert new["rescored"]["exact"] is False
+    assert (new["policy_relabeled_share"] > 0) == (metrics["policy/heldout_error_refit"] < metrics["policy/heldout_error_expert"])
+
+
+def test_a_whole_demonstration_cell_acts_with_the_prior_that_predicts_its_held_out_pairs_better(tiny, tmp_path):
+    model, _ = kept_cell(tiny, tmp_path, demos="full")  # the default, relabel: auto
+    logged = model.trainer.callback_metrics
+    expert, refit = float(logged["policy/heldout_error_expert"]), float(logged["policy/heldout_error_refit"])
+    assert expert > 0 and refit > 0
+    assert bool(model.policy.relabeled) == (refit < expert)
+    assert (model.policy.acting_prior is model.policy.relabeled_prior) == (refit < expert)
 
 
 def test_the_weights_a_bench_run_cell_kept_are_acted_on_without_training(tiny, tmp_path):

@@ -175,6 +175,7 @@ def test_refit_clones_the_episodes_the_learned_reward_ranks_as_expert_like():
 
 
 def test_by_default_whole_demonstrations_keep_their_own_prior_and_sparse_ones_are_refitted_to_d():
+    # FakeData cannot say which of D's pairs are D_E's: whole demonstrations cannot ask held-out pairs.
     obs = torch.randn(400, 5, generator=torch.Generator().manual_seed(1))
     actions = 0.3 * torch.ones(400, 2)
     advantage = dict(advantage=lambda o, a: o[:, 0])
@@ -194,6 +195,50 @@ def test_by_default_whole_demonstrations_keep_their_own_prior_and_sparse_ones_ar
         assert bool(model.policy.relabeled) == refits
     with pytest.raises(ValueError, match="policy relabel must be 'auto', true or false"):
         TiltedPriorPolicy(relabel="sometimes")
+
+
+class DemonstrationInD(FakeData):
+    """D holds D_E's pairs first, then logged ones; whole demonstrations (consecutive 1.0)."""
+
+    def __init__(self, expert, logged):
+        n = len(expert[0])
+        offline = (torch.cat([expert[0], logged[0]]), torch.cat([expert[1], logged[1]]))
+        super().__init__(expert, offline, torch.arange(len(offline[0])).int(), consecutive=1.0)
+        self.copies = torch.arange(len(offline[0])) < n
+
+    def expert_in_offline(self):
+        return self.copies
+
+
+@pytest.mark.parametrize("logged_agree", [True, False], ids=["d-acts-like-the-expert", "d-acts-otherwise"])
+def test_whole_demonstrations_are_refitted_to_d_only_where_that_predicts_held_out_expert_actions_better(
+        logged_agree):
+    # The expert acts 0.6·tanh(2·s_0) on both dimensions; 25 demonstration pairs, 800 logged.
+    g = torch.Generator().manual_seed(3)
+    obs = torch.randn(825, 5, generator=g)
+    expert_action = 0.6 * torch.tanh(2 * obs[:, :1]).expand(-1, 2)
+    logged_action = expert_action[25:] if logged_agree else -0.5 * torch.ones(800, 2)
+    data = DemonstrationInD((obs[:25], expert_action[:25]), (obs[25:], logged_action))
+    advantage = dict(advantage=lambda o, a: torch.zeros(len(o)))  # Q ranks nothing: a plain fit of D
+    runs = {}
+    for relabel in ("auto", True):
+        model = tilted_model(hidden_sizes=[32], fit_steps=300, lr=1e-2, relabel=relabel)
+        model.policy.fit(data, torch.Generator().manual_seed(0))
+        metrics = model.policy.refit(data, lambda o, a: a.sum(-1), torch.Generator().manual_seed(0), **advantage)
+        runs[relabel] = model, metrics
+    model, metrics = runs["auto"]
+    # Five of the 25 pairs are held out; D's 800 pairs of the expert's own rule predict them
+    # better than 20 pairs do, and D's other behaviour predicts them worse.
+    expert_error, refit_error = metrics["policy/heldout_error_expert"], metrics["policy/heldout_error_refit"]
+    assert (refit_error < 0.1 * expert_error) if logged_agree else (refit_error > expert_error)
+    assert bool(model.policy.relabeled) == logged_agree
+    assert (metrics["policy/relabeled_share"] > 0) == logged_agree
+    # Choosing draws from a copy of the stream: where it refits, the refit is relabel: true's, bit for bit.
+    forced = runs[True][0].policy
+    assert "policy/heldout_error_refit" not in runs[True][1]  # relabel: true does not ask
+    same = all(torch.equal(a, b) for a, b in zip(model.policy.relabeled_prior.state_dict().values(),
+                                                 forced.relabeled_prior.state_dict().values()))
+    assert same == logged_agree
 
 
 def test_demonstration_pairs_in_d_are_always_kept_and_never_crowd_out_the_best_logged_episode():

@@ -59,7 +59,7 @@ def rescore(row: dict, task, checkpoints: str, config: dict) -> tuple[dict | Non
     model.eval()
     result = RolloutEvaluation(every_n_updates=0, episodes=EVAL_SEEDS[1], seed=EVAL_SEEDS[0]).evaluate_module(model, data)
     if "policy/heldout_error_refit" in metrics:
-        change = "whole demonstrations choose their prior on a held-out fifth of D_E's pairs (relabel: auto): " + (
+        change = "whole demonstrations choose their prior on a held-out fifth of D_E's pairs (relabel: heldout): " + (
             "D's advantage-weighted refit acts" if bool(policy.relabeled) else "D_E's own prior acts, tilted by Q")
     else:
         change = "D's refit acts (relabel)" if bool(policy.relabeled) else "D_E's own prior acts, tilted by Q"

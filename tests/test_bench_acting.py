@@ -160,17 +160,21 @@ def test_rescore_refits_a_kept_cell_exactly_as_a_new_training_under_the_current_
     kept_cell(tiny, tmp_path, demos="sub20", relabel=True)
     trained_under_the_old_default(checkpoint_path(tmp_path, task, "with-mixed", "sub20", 1, seed=0))
     assert rescore(row, task, str(tmp_path), config) == (None, {})
-    # Whole demonstrations refitted under relabel: true: the stream is past that refit, so the
-    # held-out choice is made again on a later draw, and the row says it is not exact.
-    kept_cell(tiny, tmp_path, demos="full", relabel=True)
+    # Whole demonstrations refitted under relabel: true: the current default drops that refit,
+    # and the same weights act from D_E's prior, tilted by Q. The stream is past the refit, so
+    # a rule that draws (relabel: heldout) would be a later draw: the row says it is not exact.
+    trained, dm = kept_cell(tiny, tmp_path, demos="full", relabel=True)
     trained_under_the_old_default(checkpoint_path(tmp_path, task, "with-mixed", "full", 1, seed=0))
     new, metrics = rescore({**row, "demos": "full"}, task, str(tmp_path), config)
-    assert new["rescored"]["exact"] is False
-    assert (new["policy_relabeled_share"] > 0) == (metrics["policy/heldout_error_refit"] < metrics["policy/heldout_error_expert"])
+    assert new["rescored"]["exact"] is False and metrics == {"policy/relabeled_share": 0.0}
+    trained.policy.relabeled.fill_(False)
+    trained.policy.revision += 1
+    assert new["normalized_score"] == evaluate(trained.eval(), dm)["normalized_score"]
 
 
-def test_a_whole_demonstration_cell_acts_with_the_prior_that_predicts_its_held_out_pairs_better(tiny, tmp_path):
-    model, _ = kept_cell(tiny, tmp_path, demos="full")  # the default, relabel: auto
+def test_under_relabel_heldout_a_whole_demonstration_cell_acts_with_the_prior_that_predicts_held_out_pairs_better(
+        tiny, tmp_path):
+    model, _ = kept_cell(tiny, tmp_path, demos="full", relabel="heldout")
     logged = model.trainer.callback_metrics
     expert, refit = float(logged["policy/heldout_error_expert"]), float(logged["policy/heldout_error_refit"])
     assert expert > 0 and refit > 0

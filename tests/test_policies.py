@@ -175,7 +175,6 @@ def test_refit_clones_the_episodes_the_learned_reward_ranks_as_expert_like():
 
 
 def test_by_default_whole_demonstrations_keep_their_own_prior_and_sparse_ones_are_refitted_to_d():
-    # FakeData cannot say which of D's pairs are D_E's: whole demonstrations cannot ask held-out pairs.
     obs = torch.randn(400, 5, generator=torch.Generator().manual_seed(1))
     actions = 0.3 * torch.ones(400, 2)
     advantage = dict(advantage=lambda o, a: o[:, 0])
@@ -193,7 +192,7 @@ def test_by_default_whole_demonstrations_keep_their_own_prior_and_sparse_ones_ar
         data = FakeData((obs[:50], actions[:50]), (obs, actions), torch.arange(400).int(), consecutive=1.0)
         model.policy.refit(data, lambda o, a: a.sum(-1), torch.Generator().manual_seed(0), **advantage)
         assert bool(model.policy.relabeled) == refits
-    with pytest.raises(ValueError, match="policy relabel must be 'auto', true or false"):
+    with pytest.raises(ValueError, match="policy relabel must be 'auto', 'heldout', true or false"):
         TiltedPriorPolicy(relabel="sometimes")
 
 
@@ -211,7 +210,7 @@ class DemonstrationInD(FakeData):
 
 
 @pytest.mark.parametrize("logged_agree", [True, False], ids=["d-acts-like-the-expert", "d-acts-otherwise"])
-def test_whole_demonstrations_are_refitted_to_d_only_where_that_predicts_held_out_expert_actions_better(
+def test_relabel_heldout_refits_whole_demonstrations_only_where_that_predicts_held_out_expert_actions_better(
         logged_agree):
     # The expert acts 0.6·tanh(2·s_0) on both dimensions; 25 demonstration pairs, 800 logged.
     g = torch.Generator().manual_seed(3)
@@ -221,12 +220,14 @@ def test_whole_demonstrations_are_refitted_to_d_only_where_that_predicts_held_ou
     data = DemonstrationInD((obs[:25], expert_action[:25]), (obs[25:], logged_action))
     advantage = dict(advantage=lambda o, a: torch.zeros(len(o)))  # Q ranks nothing: a plain fit of D
     runs = {}
-    for relabel in ("auto", True):
+    for relabel in ("heldout", True, "auto"):
         model = tilted_model(hidden_sizes=[32], fit_steps=300, lr=1e-2, relabel=relabel)
         model.policy.fit(data, torch.Generator().manual_seed(0))
         metrics = model.policy.refit(data, lambda o, a: a.sum(-1), torch.Generator().manual_seed(0), **advantage)
         runs[relabel] = model, metrics
-    model, metrics = runs["auto"]
+    # The default keeps D_E's prior for whole demonstrations without asking.
+    assert runs["auto"][1] == {"policy/relabeled_share": 0.0} and not bool(runs["auto"][0].policy.relabeled)
+    model, metrics = runs["heldout"]
     # Five of the 25 pairs are held out; D's 800 pairs of the expert's own rule predict them
     # better than 20 pairs do, and D's other behaviour predicts them worse.
     expert_error, refit_error = metrics["policy/heldout_error_expert"], metrics["policy/heldout_error_refit"]

@@ -336,16 +336,12 @@ def test_after_training_the_prior_is_refitted_to_the_episodes_the_reward_ranks_e
     assert not bool(unfiltered.policy.relabeled)  # relabel=False keeps D_E's prior
 
 
-def test_by_default_whole_demonstrations_beside_d_act_with_the_prior_that_predicts_held_out_pairs_better(
-        tiny, tmp_path):
+def test_by_default_whole_demonstrations_beside_d_act_with_their_own_prior_tilted_by_q(tiny, tmp_path):
     model, dm, trainer = tiny_fit(tiny.ids("pendulum"), tmp_path)
     assert dm.consecutive_share("expert") == 0.98  # two whole demonstrations of 50 steps
-    logged = trainer.callback_metrics
-    expert, refit = float(logged["policy/heldout_error_expert"]), float(logged["policy/heldout_error_refit"])
-    refitted = refit < expert
-    assert bool(model.policy.relabeled) == refitted and model.policy.revision == int(refitted)
-    assert (model.policy.acting_prior is model.policy.relabeled_prior) == refitted
-    assert (float(logged["policy/relabeled_share"]) > 0) == refitted
+    assert not bool(model.policy.relabeled) and model.policy.revision == 0
+    assert model.policy.acting_prior is model.policy.prior and not model.policy.acts_untilted
+    assert float(trainer.callback_metrics["policy/relabeled_share"]) == 0.0
 
 
 def test_reward_net_from_checkpoint_scores_raw_observations_like_the_model(fitted, tmp_path):

@@ -13,9 +13,10 @@ weights as the default refit gives them, the held-out pairs weightless), both fr
 initialisation, and each is scored on the held-out expert actions: mean log-likelihood and
 the mode's mean squared error (the action box's units). It also plays D_E's own prior,
 tilted as when D = D_E, on the cell's weights (the benchmark's 10 episodes), and with
-``--play-refit`` also the refit to all of D (the default refit, forced where ``relabel: auto``
-keeps D_E's prior), from the module's own stream. One JSON line per cell. Nothing of the
-checkpoints is changed.
+``--play-refit`` also the refit to all of D (forced where ``relabel: auto`` keeps D_E's prior),
+from the module's stream after this tool's own pass over the advantages drew from it: a draw
+of the refit, not the one a training makes (``bench.rescore`` replays that one). One JSON
+line per cell. Nothing of the checkpoints is changed.
 """
 
 from __future__ import annotations

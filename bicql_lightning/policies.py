@@ -413,7 +413,7 @@ class TiltedPriorPolicy(QPolicy):
         metrics = {}
         if not self.refits(data):  # whole demonstrations under "heldout": the refit must earn its place
             metrics = self.heldout_errors(data, weights, generator)
-            if not metrics.get("policy/heldout_error_refit", np.inf) < metrics.get("policy/heldout_error_expert", 0):
+            if not metrics or metrics["policy/heldout_error_refit"] >= metrics["policy/heldout_error_expert"]:
                 return {"policy/relabeled_share": 0.0, **metrics}  # D_E's prior acts
         if self.relabel_weights == "advantage":
             self._fit(self.relabeled_prior, *data.pairs("offline"), generator, weights)

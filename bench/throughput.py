@@ -18,6 +18,10 @@ D = D_E) with batch 256 and hidden sizes (256, 256):
   floating-point work per iteration counted with ``torch.utils.flop_counter``, giving
   ``peak_frac`` (against the matmul rate of the precision the run computes in).
 
+On a CPU both learners run with freed memory kept (:mod:`bicql_lightning.cpu_memory`, what
+a fit on a CPU sets up), and the line says ``malloc=kept``; ``BICQL_KEEP_FREED_MEMORY=0``
+times them under glibc's default allocator (``malloc=default``).
+
 Each figure is the median of ``--repeats`` timed windows; the line to read is
 ``throughput: bicql=…/s d3rlpy_cql=…/s ratio=… peak_frac=…``. d3rlpy is an optional,
 benchmark-only dependency (``pip install --no-deps d3rlpy==2.8.1`` then its own needs
@@ -44,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.run import choose_precision
 from bicql_lightning import BiCQLML, OfflineIRLDataModule, TargetNetworkUpdate, load_transitions
+from bicql_lightning.cpu_memory import keep_freed_memory
 from bicql_lightning.seeds import SeedBatch, prepare
 
 BATCH = 256
@@ -233,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
     dataset_id = f"bench/{args.task}/expert-n10-v0"
     device = "cuda:0" if args.accelerator == "gpu" else "cpu:0"
+    # Before anything is timed, so d3rlpy runs under the allocator BiCQL-ML's fit sets up.
+    kept = keep_freed_memory() if args.accelerator == "cpu" else False
     model_kwargs, precision = benchmark_settings()
     precision = choose_precision({"accelerator": "cpu" if args.accelerator == "cpu" else "gpu",
                                   "precision": precision}, args.precision)
@@ -261,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     fields += [f"peak_frac={results[0]['peak_frac']:.2f}", f"gflop_per_iter={results[0]['gflop_per_iter']:.2f}",
                f"precision={results[0]['precision']}", f"matmul_gflops_fp32={peaks['32-true']:.0f}",
                f"matmul_gflops_bf16={peaks['bf16-mixed']:.0f}", f"device={args.accelerator}",
-               f"threads={torch.get_num_threads()}"]
+               f"threads={torch.get_num_threads()}", f"malloc={'kept' if kept else 'default'}"]
     line = "throughput: " + " ".join(fields)
     print(line, flush=True)
     also_lines = []
@@ -286,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).write_text(json.dumps({
             "task": args.task, "dataset": dataset_id, "batch": BATCH, "device": args.accelerator,
             "device_name": torch.cuda.get_device_name(0) if args.accelerator == "gpu" else "cpu",
-            "threads": torch.get_num_threads(), "matmul_gflops": peaks, "bicql": results,
+            "threads": torch.get_num_threads(), "malloc_keeps_freed_memory": kept, "matmul_gflops": peaks, "bicql": results,
             "d3rlpy_cql_rates": d3_rates, "seeds": seed_rows, "line": line, "also_lines": also_lines,
         }, indent=2) + "\n")
 

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from .cpu_memory import keep_freed_memory
 from .distributed import AtomicCheckpointIO, all_reduce_mean_, is_distributed
 from .losses import Metrics
 from .networks import ObservationEncoder
@@ -104,6 +105,8 @@ class OfflineModule(LightningModule):
         precision = getattr(self.trainer, "precision", None)
         if self.device.type == "cpu" and is_bf16(precision) and bf16_is_slow_on_cpu():
             rank_zero_warn(slow_bf16_message(precision))
+        if self.device.type == "cpu":
+            keep_freed_memory()  # reuse the last iteration's activations' pages (cpu_memory)
         if self._generator is None or self._generator.device != self.device:
             seed = self._default_seed()
             if is_distributed(world_size):

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .callbacks import refit_policy
+from .cpu_memory import keep_freed_memory
 from .module import BiCQLML
 
 Batch = dict[str, Tensor]
@@ -121,6 +122,8 @@ class SeedBatch:
 
     def __init__(self, models: Sequence[BiCQLML], datamodules: Sequence[Any], tau: float = 0.005):
         check_replicas(models)
+        if models[0].device.type == "cpu":
+            keep_freed_memory()  # K stacked activations are the largest blocks of all (cpu_memory)
         if len(datamodules) != len(models):
             raise ValueError(f"{len(models)} models but {len(datamodules)} data modules: give one per seed.")
         self.models, self.datamodules, self.tau = list(models), list(datamodules), tau

@@ -24,7 +24,7 @@ Two commands train BiCQL-ML's reward and then a controller on it::
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -69,7 +69,10 @@ class IQL(OfflineModule):
             :class:`~bicql_lightning.RewardNet` (a BiCQL-ML checkpoint) trains on that
             learned reward instead: the frozen network relabels every batch of D on the
             training device, exactly the rewards a one-time relabelling of D would give.
-        reward_scale: the rewards are multiplied by this before use.
+        reward_scale: the rewards are multiplied by this before use; ``"returns"``: by
+            1000 / (max − min) of D's episode returns under the reward trained on, the IQL
+            paper's normalisation for MuJoCo locomotion, derived once at the start of the fit
+            (and kept in the checkpoint) from whichever reward that is, dataset's or learned.
         hidden_sizes: hidden widths of the critics, the value and the policy.
         gamma: discount :math:`\gamma`.
         expectile: :math:`\tau` of the value's expectile regression (0.7: the IQL paper's
@@ -94,7 +97,7 @@ class IQL(OfflineModule):
         self,
         spaces: dict[str, Any] | None = None,
         reward: str | None = None,
-        reward_scale: float = 1.0,
+        reward_scale: float | Literal["returns"] = 1.0,
         hidden_sizes: list[int] = [256, 256],  # noqa: B006 - jsonargparse needs a literal
         gamma: float = 0.99,
         expectile: float = 0.7,
@@ -110,6 +113,8 @@ class IQL(OfflineModule):
             raise ValueError(f"expectile must be in (0, 1), got {expectile}")
         if beta < 0 or max_weight <= 0:
             raise ValueError(f"beta must be >= 0 and max_weight > 0, got {beta} and {max_weight}")
+        if reward_scale != "returns" and (isinstance(reward_scale, str) or not reward_scale > 0):
+            raise ValueError(f"reward_scale must be a positive number or 'returns', got {reward_scale!r}")
         check_common_hparams(gamma, hidden_sizes, log_every_n_updates)
         self.save_hyperparameters()
         self._init_state()
@@ -129,7 +134,33 @@ class IQL(OfflineModule):
         self.value_net = mlp(spaces["obs_dim"], hp.hidden_sizes, 1)
         self.policy: nn.Module = (mlp(spaces["obs_dim"], hp.hidden_sizes, spaces["action_dim"]) if self.discrete
                                   else GaussianPolicy(spaces, hp.hidden_sizes, "clipped"))
+        if hp.reward_scale == "returns":  # 0 until derived from D; a checkpoint keeps it
+            self.register_buffer("returns_scale", torch.zeros(()))
         self.built = True
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.hparams.reward_scale == "returns" and not float(self.returns_scale) > 0:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None or getattr(datamodule, "offline_store", None) is None:
+                raise ValueError("IQL(reward_scale='returns') reads D's episodes: fit it with an OfflineIRLDataModule.")
+            self.returns_scale.fill_(self.episode_returns_scale(datamodule.offline_store))
+
+    @torch.no_grad()
+    def episode_returns_scale(self, store: Any, chunk: int = 65536) -> float:
+        """1000 / (max − min) of the episode returns of ``store`` (D) under :meth:`rewards`'
+        reward, unscaled."""
+        episode = store.episode_number
+        returns = torch.zeros(int(episode.max()) + 1, dtype=torch.float64, device=episode.device)
+        for start in range(0, len(store), chunk):
+            index = torch.arange(start, min(start + chunk, len(store)), device=episode.device)
+            batch = {k: v.to(self.device) for k, v in store.take(index).items()}
+            returns.index_add_(0, episode[index], self._raw_rewards(batch).double().to(episode.device))
+        spread = float(returns.max() - returns.min())
+        if not spread > 0:
+            raise ValueError("IQL(reward_scale='returns'): every episode of D has the same return under this reward, "
+                             "so there is nothing to normalise by; give a number instead.")
+        return 1000.0 / spread
 
     def configure_optimizers(self):
         lr = self.hparams.lr
@@ -157,9 +188,13 @@ class IQL(OfflineModule):
     @torch.no_grad()
     def rewards(self, batch: Batch) -> Tensor:
         """The rewards training uses: the dataset's, or the learned reward's, times ``reward_scale``."""
+        scale = self.returns_scale if self.hparams.reward_scale == "returns" else self.hparams.reward_scale
+        return scale * self._raw_rewards(batch)
+
+    def _raw_rewards(self, batch: Batch) -> Tensor:
         r = batch["reward"] if self.reward_net is None else full_precision(
             self.reward_net(batch["obs"], batch["action"]))
-        return self.hparams.reward_scale * r.float()
+        return r.float()
 
     def _log_prob(self, enc: Tensor, action: Tensor) -> Tensor:
         if self.discrete:

@@ -99,3 +99,24 @@ def test_a_learned_reward_checkpoint_relabels_the_batches_and_a_foreign_one_is_r
     other = OfflineIRLDataModule(*tiny.ids("cartpole"), batch_size=32, batches_per_epoch=5, val_size=16, seed=0)
     with pytest.raises(ValueError, match="not on this data's"):
         IQL(reward=str(path), spaces=other.spaces)
+
+
+def test_reward_scale_returns_is_1000_over_the_spread_of_ds_episode_returns_and_the_checkpoint_keeps_it(tiny, tmp_path):
+    from bicql_lightning.datasets import load_transitions
+
+    dm = OfflineIRLDataModule(*tiny.ids("pendulum"), batch_size=32, batches_per_epoch=3, val_size=16, seed=0)
+    model = IQL(hidden_sizes=[16], reward_scale="returns")
+    trainer = L.Trainer(max_epochs=1, **{**QUIET, "enable_checkpointing": True}, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    # D = the mixed episodes plus the expert's (include_expert_in_offline): every episode's true return.
+    returns = np.concatenate([np.bincount(t.episode_ids.astype(np.int64), weights=t.rewards.astype(np.float64))
+                              for t in map(load_transitions, tiny.ids("pendulum"))])
+    assert float(model.returns_scale) == pytest.approx(1000.0 / (returns.max() - returns.min()), rel=1e-6)
+    batch = dm.sample_batch()["offline"]
+    np.testing.assert_allclose(model.rewards(batch).numpy(), float(model.returns_scale) * batch["reward"].numpy(),
+                               rtol=1e-6)
+    path = tmp_path / "iql.ckpt"
+    trainer.save_checkpoint(path)
+    assert float(IQL.load_from_checkpoint(path).returns_scale) == float(model.returns_scale)
+    with pytest.raises(ValueError, match="positive number or 'returns'"):
+        IQL(reward_scale="episodes")

@@ -156,6 +156,7 @@ class IQL(OfflineModule):
             index = torch.arange(start, min(start + chunk, len(store)), device=episode.device)
             batch = {k: v.to(self.device) for k, v in store.take(index).items()}
             returns.index_add_(0, episode[index], self._raw_rewards(batch).double().to(episode.device))
+        returns = returns[torch.unique(episode)]  # episode numbers need not be contiguous
         spread = float(returns.max() - returns.min())
         if not spread > 0:
             raise ValueError("IQL(reward_scale='returns'): every episode of D has the same return under this reward, "

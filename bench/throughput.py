@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).write_text(json.dumps({
             "task": args.task, "dataset": dataset_id, "batch": BATCH, "device": args.accelerator,
             "device_name": torch.cuda.get_device_name(0) if args.accelerator == "gpu" else "cpu",
-            "threads": torch.get_num_threads(), "malloc_keeps_freed_memory": kept, "matmul_gflops": peaks, "bicql": results,
+            "threads": torch.get_num_threads(), "malloc_keeps_freed_memory": kept, "matmul_gflops": peaks,
+            "bicql": results,
             "d3rlpy_cql_rates": d3_rates, "seeds": seed_rows, "line": line, "also_lines": also_lines,
         }, indent=2) + "\n")
 

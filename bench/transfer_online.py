@@ -19,6 +19,9 @@ Reward sources:
   terminate when the agent falls;
 * ``bicql:REGIME:DEMOS:N``: the ``RewardNet`` of the BiCQL-ML checkpoint ``bench.run``
   saved for that cell and the run's seed, through ``LearnedRewardWrapper``;
+* ``bicql_shaped:REGIME:DEMOS:N``: the same checkpoint's reward shaped by its own soft
+  value, r(s,a) + γ(1-terminated)V(s') - V(s) (``ShapedReward``, potential-based: the
+  same optimal policies as the reward alone);
 * ``iqlearn:REGIME:DEMOS:N``: IQ-Learn's recovered reward Q(s,a) - γ(1-done)V(s') of
   that cell's checkpoint.
 
@@ -45,7 +48,7 @@ import torch
 from bench.datasets import Task, read_manifest
 from bench.machine import machine
 from bench.run import EVAL_SEEDS, append_line, checkpoint_path, git_commit, versions
-from bicql_lightning import IQLearn, LearnedRewardWrapper, RewardNet
+from bicql_lightning import IQLearn, LearnedRewardWrapper, RewardNet, ShapedReward
 from bicql_lightning.callbacks import normalized_score, rollout_episodes
 
 DEFAULT_SOURCES = ("true", "constant", "bicql:with-mixed:sub20:1", "bicql:expert-only:full:1",
@@ -53,6 +56,8 @@ DEFAULT_SOURCES = ("true", "constant", "bicql:with-mixed:sub20:1", "bicql:expert
 # The same for every source: SB3's SAC defaults (two 256x256 networks, Adam 3e-4, batch
 # 256, automatic entropy tuning) with the RL Zoo's MuJoCo warm-up of 10k random steps.
 SAC_SETTINGS = {"learning_starts": 10_000}
+# Learned sources and the bench.run algorithm whose checkpoint each reads.
+LEARNED = {"bicql": "bicql", "bicql_shaped": "bicql", "iqlearn": "iqlearn"}
 
 
 class ConstantReward(gym.Wrapper):
@@ -75,14 +80,15 @@ class IQLearnReward:
 
 
 def parse_source(text: str) -> tuple[str, tuple[str, str, int] | None]:
-    """``"true"``/``"constant"``, or ``"bicql|iqlearn:REGIME:DEMOS:N"`` -> (kind, cell)."""
+    """``"true"``/``"constant"``, or ``"bicql|bicql_shaped|iqlearn:REGIME:DEMOS:N"`` -> (kind, cell)."""
     kind, _, rest = text.partition(":")
     if kind in ("true", "constant") and not rest:
         return kind, None
     parts = rest.split(":")
-    if kind not in ("bicql", "iqlearn") or len(parts) != 3 or not parts[2].isdigit():
-        raise argparse.ArgumentTypeError(f"reward source {text!r}: use true, constant, bicql:REGIME:DEMOS:N or "
-                                         "iqlearn:REGIME:DEMOS:N (e.g. bicql:with-mixed:sub20:1)")
+    if kind not in LEARNED or len(parts) != 3 or not parts[2].isdigit():
+        raise argparse.ArgumentTypeError(f"reward source {text!r}: use true, constant, bicql:REGIME:DEMOS:N, "
+                                         "bicql_shaped:REGIME:DEMOS:N or iqlearn:REGIME:DEMOS:N "
+                                         "(e.g. bicql:with-mixed:sub20:1)")
     return kind, (parts[0], parts[1], int(parts[2]))
 
 
@@ -91,7 +97,7 @@ def source_checkpoint(checkpoints: Path, task: Task, source: str, seed: int) -> 
     if cell is None:
         return None
     regime, demos, n = cell
-    return checkpoint_path(checkpoints, task, regime, demos, n, seed, algo=kind)
+    return checkpoint_path(checkpoints, task, regime, demos, n, seed, algo=LEARNED[kind])
 
 
 def make_env(task: Task, source: str, checkpoint: Path | None) -> gym.Env:
@@ -106,10 +112,12 @@ def make_env(task: Task, source: str, checkpoint: Path | None) -> gym.Env:
 
 
 @functools.lru_cache(maxsize=4)
-def learned_reward(kind: str, checkpoint: str) -> RewardNet | IQLearnReward:
+def learned_reward(kind: str, checkpoint: str) -> RewardNet | ShapedReward | IQLearnReward:
     """A checkpoint's reward, loaded once for the training environment and every evaluation one."""
     if kind == "bicql":
         return RewardNet.from_checkpoint(checkpoint)
+    if kind == "bicql_shaped":
+        return ShapedReward.from_checkpoint(checkpoint)
     return IQLearnReward(IQLearn.load_from_checkpoint(checkpoint, map_location="cpu"))
 
 

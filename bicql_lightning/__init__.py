@@ -13,6 +13,7 @@ from .networks import EnsembleLinear, ObservationEncoder, QEnsemble, polyak_upda
 from .policies import BoltzmannPolicy, QPolicy, TiltedPriorPolicy
 from .reward import CheckpointError, LearnedRewardWrapper, RewardNet
 from .seeds import SeedBatch, fit_seeds
+from .shaping import ShapedReward, SoftValuePotential
 from .spaces import SpaceSpec, space_spec
 from . import tabular  # noqa: F401 - registers the tabular MDPs' Gymnasium ids
 
@@ -22,7 +23,7 @@ __all__ = [
     "ActionProposal", "AtomicCheckpointIO", "BehaviorCloning", "BiCQLML", "BoltzmannPolicy", "CheckpointError",
     "DatasetError", "EnsembleLinear", "FitPolicy", "GaussianPolicy", "IQL", "IQLearn", "LearnedRewardWrapper",
     "ObservationEncoder", "OfflineIRLDataModule", "QEnsemble", "QPolicy", "RewardNet", "RolloutEvaluation",
-    "SeedBatch", "TiltedPriorPolicy", "SpaceSpec", "TargetNetworkUpdate", "TransitionStore",
+    "SeedBatch", "ShapedReward", "SoftValuePotential", "TiltedPriorPolicy", "SpaceSpec", "TargetNetworkUpdate", "TransitionStore",
     "Transitions", "collect_dataset", "evaluate_policy", "fit_seeds", "load_transitions", "normalized_score",
     "polyak_update", "space_spec",
 ]

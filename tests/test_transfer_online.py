@@ -18,7 +18,7 @@ import torch
 
 from bench import transfer_online
 from bench.datasets import Task
-from bicql_lightning import BiCQLML, IQLearn, LearnedRewardWrapper, OfflineIRLDataModule, RewardNet
+from bicql_lightning import BiCQLML, IQLearn, LearnedRewardWrapper, OfflineIRLDataModule, RewardNet, ShapedReward
 from bicql_lightning.spaces import space_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +110,8 @@ def test_constant_source_pays_one_per_step_and_keeps_the_true_reward():
 
 @pytest.mark.parametrize("text, parsed", [("true", ("true", None)), ("constant", ("constant", None)),
                                           ("bicql:with-mixed:sub20:1", ("bicql", ("with-mixed", "sub20", 1))),
+                                          ("bicql_shaped:with-mixed:sub20:1",
+                                           ("bicql_shaped", ("with-mixed", "sub20", 1))),
                                           ("iqlearn:expert-only:full:10", ("iqlearn", ("expert-only", "full", 10)))])
 def test_reward_sources_parse(text, parsed):
     assert transfer_online.parse_source(text) == parsed
@@ -147,6 +149,20 @@ def test_a_run_records_one_true_reward_evaluation_per_interval(pendulum_checkpoi
     obs, _ = env.reset(seed=0)
     _, r, *_ = env.step(np.array([1.0], np.float32))
     assert r == pytest.approx(float(net.predict(obs, np.array([1.0], np.float32))), abs=1e-6)
+
+
+def test_the_shaped_source_reads_the_bicql_checkpoint_and_pays_its_shaped_reward(pendulum_checkpoint, tmp_path):
+    task = Task(name="pendulum", env_id="Pendulum-v1", env_kwargs={}, expert_file=tmp_path / "unused.npz")
+    target = transfer_online.source_checkpoint(tmp_path, task, "bicql_shaped:with-mixed:sub20:1", seed=2)
+    assert target.name == "bicql_pendulum_with-mixed_sub20_n1_seed2.ckpt"
+    target.write_bytes(pendulum_checkpoint.read_bytes())
+    env = transfer_online.make_env(task, "bicql_shaped:with-mixed:sub20:1", target)
+    shaped = ShapedReward.from_checkpoint(target)
+    obs, _ = env.reset(seed=0)
+    action = np.array([-0.5], np.float32)
+    next_obs, r, terminated, *_ = env.step(action)
+    assert r == pytest.approx(float(shaped.predict(obs, action, next_obs, np.asarray(terminated))), rel=1e-5)
+    assert r != pytest.approx(float(RewardNet.from_checkpoint(target).predict(obs, action)), abs=1e-3)
 
 
 class FixedAction:

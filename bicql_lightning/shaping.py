@@ -1,0 +1,107 @@
+r"""The learned reward shaped by the learned soft value, for RL from scratch.
+
+BiCQL-ML trains a reward :math:`r_\theta` and, under it, a conservative :math:`Q`. For an
+agent that learns online from scratch (SAC, PPO) the reward alone is a sparse signal: on a
+task that ends episodes at a fall most of it sits near one level and pays the expert's
+gait only where the expert went. Potential-based shaping (Ng, Harada and Russell, 1999)
+
+.. math:: r'(s, a, s') = r_\theta(s, a) + \gamma\,(1 - \text{terminated})\,\Phi(s') - \Phi(s)
+
+changes no policy's ranking (an episode's discounted return moves by :math:`-\Phi(s_0)`,
+whatever the agent does, when :math:`\Phi` is 0 after termination), and with
+:math:`\Phi = V`, the soft value of the same module's :math:`Q`, it is close to the soft
+advantage :math:`Q(s,a) - V(s)`: each step is scored by what the learned :math:`Q` expects
+of it, not only by its own reward. AIRL's reward carries the same kind of term.
+
+:math:`V(s)` is the module's own estimator (the twins' pointwise minimum, the sampled
+soft maximum over its frozen proposal), with one fixed draw of proposal noise shared by
+every state, so :math:`\Phi` is a deterministic function of the observation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .losses import sampled_soft_value, soft_value
+from .reward import RewardNet
+
+
+class SoftValuePotential(nn.Module):
+    r""":math:`\Phi(s) = V(s)`, the soft value of a trained BiCQL-ML module's Q twins' minimum.
+
+    ``num_samples``: proposal samples per state for Box actions (the module trains with
+    ``num_action_samples``; more here lowers the estimator's bias, the noise is fixed
+    either way); ``seed``: the fixed draw's seed.
+    """
+
+    def __init__(self, module: Any, num_samples: int = 64, seed: int = 0):
+        super().__init__()
+        if getattr(module, "q_net", None) is None or not hasattr(module, "reward_net"):
+            raise ValueError("SoftValuePotential needs a trained BiCQLML module (its q_net and reward_net).")
+        self.encoder = module.encoder
+        self.q_net = module.q_net
+        self.proposal = module.proposal
+        self.temperature = float(module.hparams.temperature)
+        self.gamma = float(module.hparams.gamma)
+        if self.proposal is not None:
+            generator = torch.Generator().manual_seed(seed)
+            noise = self.proposal.draw_noise(1, num_samples, generator, device="cpu")
+            for name, tensor in zip(("noise_normal", "noise_uniform", "noise_pick"), noise):
+                self.register_buffer(name, tensor)
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def forward(self, obs: Tensor) -> Tensor:
+        """``(B, ...)`` raw observations -> ``(B,)`` soft values."""
+        encoded = self.encoder(obs)
+        if self.proposal is None:
+            return soft_value(self.q_net(encoded).float().min(0).values, self.temperature)
+        rows = encoded.shape[0]
+        noise = tuple(x.expand(rows, -1, -1) for x in (self.noise_normal, self.noise_uniform, self.noise_pick))
+        actions, log_prop = self.proposal.sample(encoded, self.noise_normal.shape[1], noise=noise)
+        q = self.q_net(encoded, actions).float().min(0).values  # (B, M)
+        return sampled_soft_value(q, log_prop, self.temperature)
+
+    def predict(self, obs: np.ndarray) -> np.ndarray:
+        """``forward`` on numpy observations, batched or one."""
+        device = next(self.buffers()).device
+        obs_t = torch.as_tensor(np.asarray(obs), device=device)
+        single = obs_t.dim() == (0 if self.encoder.obs_kind == "discrete" else 1)
+        out = self(obs_t.unsqueeze(0) if single else obs_t).cpu().numpy()
+        return out[0] if single else out
+
+
+class ShapedReward:
+    r""":math:`r_\theta(s,a) + \gamma(1-\text{done})\Phi(s') - \Phi(s)` with imitation's
+    ``predict(state, action, next_state, done)``, for :class:`~bicql_lightning.LearnedRewardWrapper`.
+
+    ``done`` must be *termination* only (the wrapper passes ``terminated``): at a time limit
+    the agent still bootstraps from :math:`s'`, so :math:`\Phi(s')` stays.
+    """
+
+    def __init__(self, reward_net: RewardNet, potential: SoftValuePotential, gamma: float | None = None):
+        self.reward_net = reward_net.eval()
+        self.potential = potential
+        self.gamma = potential.gamma if gamma is None else float(gamma)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, num_samples: int = 64, seed: int = 0,
+                        gamma: float | None = None) -> ShapedReward:
+        """The reward and soft value of a checkpoint written by ``BiCQLML``, on the CPU."""
+        from .module import BiCQLML
+
+        reward_net = RewardNet.from_checkpoint(path)
+        module = BiCQLML.load_from_checkpoint(path, map_location="cpu")
+        return cls(reward_net, SoftValuePotential(module, num_samples, seed), gamma)
+
+    def predict(self, state: np.ndarray, action: np.ndarray, next_state: np.ndarray,
+                done: np.ndarray) -> np.ndarray:
+        reward = np.asarray(self.reward_net.predict(state, action), dtype=np.float64)
+        phi = np.asarray(self.potential.predict(state), dtype=np.float64)
+        phi_next = np.asarray(self.potential.predict(next_state), dtype=np.float64)
+        return reward + self.gamma * (1.0 - np.asarray(done, dtype=np.float64)) * phi_next - phi

@@ -1,0 +1,122 @@
+"""The learned reward shaped by the learned soft value (``bicql_lightning.shaping``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from bicql_lightning import BiCQLML, LearnedRewardWrapper, OfflineIRLDataModule, RewardNet, ShapedReward
+from bicql_lightning.shaping import SoftValuePotential
+
+TINY = dict(hidden_sizes=[16, 16], reward_hidden_sizes=[16, 16], proposal_hidden_sizes=[16, 16],
+            proposal_fit_steps=10, num_action_samples=4,
+            policy={"init_args": {"num_candidates": 4, "hidden_sizes": [16], "fit_steps": 10}})
+
+
+def _checkpoint(tiny_data, tmp_path_factory, env: str) -> Path:
+    path = tmp_path_factory.mktemp(f"shaping_{env}") / "bicql.ckpt"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", str(tiny_data.root))
+        pl.seed_everything(0, verbose=False)
+        dm = OfflineIRLDataModule(*tiny_data.ids(env), batch_size=16, batches_per_epoch=20, val_size=16)
+        trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
+        trainer.fit(BiCQLML(**TINY), dm)
+        trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pendulum_ckpt(tiny_data, tmp_path_factory) -> Path:
+    return _checkpoint(tiny_data, tmp_path_factory, "pendulum")
+
+
+@pytest.fixture(scope="module")
+def cartpole_ckpt(tiny_data, tmp_path_factory) -> Path:
+    return _checkpoint(tiny_data, tmp_path_factory, "cartpole")
+
+
+def test_shaped_reward_is_the_reward_plus_the_discounted_change_of_potential(pendulum_ckpt):
+    shaped = ShapedReward.from_checkpoint(pendulum_ckpt)
+    reward_net = RewardNet.from_checkpoint(pendulum_ckpt)
+    rng = np.random.default_rng(0)
+    s, s2 = rng.normal(size=(2, 3)).astype(np.float32)
+    a = np.array([0.7], np.float32)
+    r = float(reward_net.predict(s, a))
+    phi, phi2 = float(shaped.potential.predict(s)), float(shaped.potential.predict(s2))
+    assert shaped.gamma == pytest.approx(0.99)
+    assert abs(phi - phi2) > 1e-4  # the check below would not see a constant potential
+    assert float(shaped.predict(s, a, s2, np.asarray(False))) == pytest.approx(r + 0.99 * phi2 - phi, rel=1e-6)
+    # Termination: nothing follows, so the next state's potential is not paid.
+    assert float(shaped.predict(s, a, s2, np.asarray(True))) == pytest.approx(r - phi, rel=1e-6)
+
+
+def test_box_potential_is_a_fixed_function_of_the_state_whatever_the_batch(pendulum_ckpt):
+    potential = ShapedReward.from_checkpoint(pendulum_ckpt).potential
+    obs = np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32)
+    batched = potential.predict(obs)
+    alone = np.array([potential.predict(o) for o in obs])
+    np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(potential.predict(obs), batched)  # no fresh noise per call
+
+
+def test_box_potential_is_the_sampled_soft_maximum_of_the_twins_minimum(pendulum_ckpt):
+    module = BiCQLML.load_from_checkpoint(pendulum_ckpt, map_location="cpu")
+    potential = SoftValuePotential(module, num_samples=8, seed=3)
+    obs = torch.tensor(np.random.default_rng(2).normal(size=(4, 3)), dtype=torch.float32)
+    encoded = module.encoder(obs)
+    noise = module.proposal.draw_noise(1, 8, torch.Generator().manual_seed(3), device="cpu")
+    actions, log_q = module.proposal.sample(encoded, 8, noise=tuple(x.expand(4, -1, -1) for x in noise))
+    with torch.no_grad():
+        q = module.q_net(encoded, actions).float().min(0).values  # (4, 8)
+    t = module.hparams.temperature
+    by_hand = t * (torch.logsumexp(q / t - log_q, dim=1) - np.log(8))
+    torch.testing.assert_close(potential(obs), by_hand)
+
+
+def test_discrete_potential_is_the_exact_soft_maximum(cartpole_ckpt):
+    module = BiCQLML.load_from_checkpoint(cartpole_ckpt, map_location="cpu")
+    potential = SoftValuePotential(module)
+    obs = torch.tensor(np.random.default_rng(3).normal(size=(6, 4)) * 0.1, dtype=torch.float32)
+    with torch.no_grad():
+        q = module.q_net(module.encoder(obs)).float().min(0).values  # (6, 2)
+    t = module.hparams.temperature
+    torch.testing.assert_close(potential(obs), t * torch.logsumexp(q / t, dim=1))
+
+
+def _discounted(rewards, gamma):
+    return float(sum(gamma ** i * r for i, r in enumerate(rewards)))
+
+
+@pytest.mark.parametrize("env_id, ckpt", [("CartPole-v1", "cartpole_ckpt"), ("Pendulum-v1", "pendulum_ckpt")])
+def test_shaping_moves_an_episodes_discounted_return_by_the_potentials_at_its_ends(env_id, ckpt, request):
+    """Whatever the actions: -Phi(s_0) for an episode that terminates (CartPole, random
+    actions), -Phi(s_0) + gamma^T Phi(s_T) for one cut by the time limit (Pendulum): so
+    shaping ranks policies as the learned reward does."""
+    path = request.getfixturevalue(ckpt)
+    shaped = ShapedReward.from_checkpoint(path)
+    env = gym.make(env_id, max_episode_steps=60)
+    plain, wrapped = LearnedRewardWrapper(env, RewardNet.from_checkpoint(path)), LearnedRewardWrapper(env, shaped)
+    env.action_space.seed(0)
+    actions = [env.action_space.sample() for _ in range(60)]
+    returns = []
+    for wrapper in (plain, wrapped):
+        obs, _ = wrapper.reset(seed=4)
+        first, rewards = obs, []
+        for a in actions:
+            obs, r, terminated, truncated, _ = wrapper.step(a)
+            rewards.append(r)
+            if terminated or truncated:
+                break
+        returns.append((_discounted(rewards, shaped.gamma), first, obs, terminated, len(rewards)))
+    (plain_return, s0, s_end, terminated, steps), (shaped_return, *_), = returns
+    expected = plain_return - float(shaped.potential.predict(s0))
+    if not terminated:
+        expected += shaped.gamma ** steps * float(shaped.potential.predict(s_end))
+    assert terminated == (env_id == "CartPole-v1")
+    assert shaped_return == pytest.approx(expected, rel=1e-4, abs=1e-3)

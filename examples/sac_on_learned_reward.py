@@ -3,7 +3,8 @@
     bicql fit --config configs/hopper_expert_n1.yaml          # writes a checkpoint
     python examples/sac_on_learned_reward.py CHECKPOINT --env Hopper-v5 --steps 100000
 
-The environment's reward is replaced by the checkpoint's ``RewardNet``; termination,
+The environment's reward is replaced by the checkpoint's ``RewardNet`` (with ``--shaped``,
+by that reward shaped by the checkpoint's own soft value, ``ShapedReward``); termination,
 truncation and the dynamics stay the environment's. At the end the policy is scored on
 the *true* reward (kept by the wrapper in ``info["true_reward"]``), deterministically,
 on reset seeds 10000.. . Needs ``pip install "bicql-lightning[bench]"`` (Stable-Baselines3).
@@ -17,7 +18,7 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3 import PPO, SAC
 
-from bicql_lightning import LearnedRewardWrapper, RewardNet
+from bicql_lightning import LearnedRewardWrapper, RewardNet, ShapedReward
 
 
 def true_return(model, env_id: str, seeds) -> np.ndarray:
@@ -46,10 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--episodes", type=int, default=10, help="evaluation episodes on the true reward")
     parser.add_argument("--save", default=None, help="where to save the trained SB3 model (.zip)")
+    parser.add_argument("--shaped", action="store_true",
+                        help="pay r(s,a) + γV(s') - V(s) with V the checkpoint's soft value (same optimal policies)")
     args = parser.parse_args(argv)
 
     # The two lines that matter: the learned reward, and the environment that pays it.
-    reward = RewardNet.from_checkpoint(args.checkpoint)
+    reward = (ShapedReward if args.shaped else RewardNet).from_checkpoint(args.checkpoint)
     env = LearnedRewardWrapper(gym.make(args.env), reward)
 
     if args.algo == "sac":  # off-policy; the RL Zoo's 10k random warm-up steps for MuJoCo

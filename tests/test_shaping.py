@@ -54,6 +54,10 @@ def test_shaped_reward_is_the_reward_plus_the_discounted_change_of_potential(pen
     assert float(shaped.predict(s, a, s2, np.asarray(False))) == pytest.approx(r + 0.99 * phi2 - phi, rel=1e-6)
     # Termination: nothing follows, so the next state's potential is not paid.
     assert float(shaped.predict(s, a, s2, np.asarray(True))) == pytest.approx(r - phi, rel=1e-6)
+    # Batched transitions get the same rewards as one at a time.
+    batch = shaped.predict(np.stack([s, s2]), np.stack([a, -a]), np.stack([s2, s]), np.array([False, True]))
+    single = [float(shaped.predict(s, a, s2, np.asarray(False))), float(shaped.predict(s2, -a, s, np.asarray(True)))]
+    np.testing.assert_allclose(batch, single, rtol=1e-5)
 
 
 def test_box_potential_is_a_fixed_function_of_the_state_whatever_the_batch(pendulum_ckpt):

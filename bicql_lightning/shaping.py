@@ -104,9 +104,9 @@ class ShapedReward:
         reward = np.asarray(self.reward_net.predict(state, action), dtype=np.float64)
         # One pass over s and s' together: this runs at every environment step.
         states = [np.asarray(x) for x in (state, next_state)]
-        rows = states[0].shape[0] if states[0].ndim > (0 if self.potential.encoder.obs_kind == "discrete" else 1) else None
-        both = self.potential.predict(np.concatenate([x if rows is not None else x[None] for x in states]))
+        batched = states[0].ndim > (0 if self.potential.encoder.obs_kind == "discrete" else 1)
+        both = self.potential.predict(np.concatenate([x if batched else x[None] for x in states]))
         phi, phi_next = (np.asarray(x, dtype=np.float64) for x in np.split(both, 2))
-        if rows is None:
+        if not batched:
             phi, phi_next = phi[0], phi_next[0]
         return reward + self.gamma * (1.0 - np.asarray(done, dtype=np.float64)) * phi_next - phi

@@ -74,7 +74,10 @@ def test_freed_blocks_are_reused_without_page_faults():
 def test_a_fit_on_a_cpu_keeps_freed_memory_unless_the_environment_says_no(tiny_data):
     root = str(tiny_data.root)
     on = probe("fit", MINARI_DATASETS_PATH=root)
-    assert on["kept"] is True and on["faults"] <= 3 * PAGES_PER_BLOCK
+    # After a fit more small allocations can land in a freed block, and each time the heap
+    # grows by one block (3.0003 blocks seen once on an AVX2 AMD EPYC): far below the 20
+    # blocks of glibc's default, asserted below.
+    assert on["kept"] is True and on["faults"] <= 5 * PAGES_PER_BLOCK
     off = probe("fit", MINARI_DATASETS_PATH=root, BICQL_KEEP_FREED_MEMORY="0")
     assert off["kept"] is False
     assert off["faults"] >= 15 * PAGES_PER_BLOCK

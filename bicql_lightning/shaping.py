@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .losses import sampled_soft_value, soft_value
+from .policies import batch_observations
 from .reward import RewardNet
 
 
@@ -67,12 +68,14 @@ class SoftValuePotential(nn.Module):
         q = self.q_net(encoded, actions).float().min(0).values  # (B, M)
         return sampled_soft_value(q, log_prop, self.temperature)
 
+    def batch(self, obs: np.ndarray | Tensor) -> tuple[Tensor, bool]:
+        """Observation(s) as a batch on this potential's device, and whether one came unbatched."""
+        return batch_observations(obs, self.encoder.obs_kind, self.encoder.mean.device)
+
     def predict(self, obs: np.ndarray) -> np.ndarray:
         """``forward`` on numpy observations, batched or one."""
-        device = next(self.buffers()).device
-        obs_t = torch.as_tensor(np.asarray(obs), device=device)
-        single = obs_t.dim() == (0 if self.encoder.obs_kind == "discrete" else 1)
-        out = self(obs_t.unsqueeze(0) if single else obs_t).cpu().numpy()
+        obs_t, single = self.batch(obs)
+        out = self(obs_t).cpu().numpy()
         return out[0] if single else out
 
 
@@ -102,11 +105,9 @@ class ShapedReward:
     def predict(self, state: np.ndarray, action: np.ndarray, next_state: np.ndarray,
                 done: np.ndarray) -> np.ndarray:
         reward = np.asarray(self.reward_net.predict(state, action), dtype=np.float64)
+        (s, single), (s_next, _) = self.potential.batch(state), self.potential.batch(next_state)
         # One pass over s and s' together: this runs at every environment step.
-        states = [np.asarray(x) for x in (state, next_state)]
-        batched = states[0].ndim > (0 if self.potential.encoder.obs_kind == "discrete" else 1)
-        both = self.potential.predict(np.concatenate([x if batched else x[None] for x in states]))
-        phi, phi_next = (np.asarray(x, dtype=np.float64) for x in np.split(both, 2))
-        if not batched:
+        phi, phi_next = np.split(self.potential(torch.cat([s, s_next])).double().cpu().numpy(), 2)
+        if single:
             phi, phi_next = phi[0], phi_next[0]
         return reward + self.gamma * (1.0 - np.asarray(done, dtype=np.float64)) * phi_next - phi

@@ -22,6 +22,10 @@ Reward sources:
 * ``bicql_shaped:REGIME:DEMOS:N``: the same checkpoint's reward shaped by its own soft
   value, r(s,a) + γ(1-terminated)V(s') - V(s) (``ShapedReward``, potential-based: the
   same optimal policies as the reward alone);
+* ``bicql_bonus:REGIME:DEMOS:N``: the same checkpoint's reward plus the ``constant``
+  source's +1 per step (``LearnedRewardWrapper(..., survival_bonus=1.0)``): the level the
+  likelihood leaves free, set to what the constant pays, so that against ``constant`` the
+  run measures what the learned reward adds to survival;
 * ``iqlearn:REGIME:DEMOS:N``: IQ-Learn's recovered reward Q(s,a) - γ(1-done)V(s') of
   that cell's checkpoint.
 
@@ -57,7 +61,9 @@ DEFAULT_SOURCES = ("true", "constant", "bicql:with-mixed:sub20:1", "bicql:expert
 # 256, automatic entropy tuning) with the RL Zoo's MuJoCo warm-up of 10k random steps.
 SAC_SETTINGS = {"learning_starts": 10_000}
 # Learned sources and the bench.run algorithm whose checkpoint each reads.
-LEARNED = {"bicql": "bicql", "bicql_shaped": "bicql", "iqlearn": "iqlearn"}
+LEARNED = {"bicql": "bicql", "bicql_shaped": "bicql", "bicql_bonus": "bicql", "iqlearn": "iqlearn"}
+# What ``bicql_bonus`` adds per step: the ``constant`` source's reward.
+SURVIVAL_BONUS = 1.0
 
 
 class ConstantReward(gym.Wrapper):
@@ -80,14 +86,15 @@ class IQLearnReward:
 
 
 def parse_source(text: str) -> tuple[str, tuple[str, str, int] | None]:
-    """``"true"``/``"constant"``, or ``"bicql|bicql_shaped|iqlearn:REGIME:DEMOS:N"`` -> (kind, cell)."""
+    """``"true"``/``"constant"``, or ``"KIND:REGIME:DEMOS:N"``, KIND one of ``LEARNED`` -> (kind, cell)."""
     kind, _, rest = text.partition(":")
     if kind in ("true", "constant") and not rest:
         return kind, None
     parts = rest.split(":")
     if kind not in LEARNED or len(parts) != 3 or not parts[2].isdigit():
         raise argparse.ArgumentTypeError(f"reward source {text!r}: use true, constant, bicql:REGIME:DEMOS:N, "
-                                         "bicql_shaped:REGIME:DEMOS:N or iqlearn:REGIME:DEMOS:N "
+                                         "bicql_shaped:REGIME:DEMOS:N, bicql_bonus:REGIME:DEMOS:N or "
+                                         "iqlearn:REGIME:DEMOS:N "
                                          "(e.g. bicql:with-mixed:sub20:1)")
     return kind, (parts[0], parts[1], int(parts[2]))
 
@@ -108,6 +115,8 @@ def make_env(task: Task, source: str, checkpoint: Path | None) -> gym.Env:
         return env
     if kind == "constant":
         return ConstantReward(env)
+    if kind == "bicql_bonus":
+        return LearnedRewardWrapper(env, learned_reward("bicql", str(checkpoint)), survival_bonus=SURVIVAL_BONUS)
     return LearnedRewardWrapper(env, learned_reward(kind, str(checkpoint)))
 
 

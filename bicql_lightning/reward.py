@@ -156,11 +156,17 @@ class LearnedRewardWrapper(gym.Wrapper):
     (e.g. an adapter around :meth:`IQLearn.predict_reward`, whose reward needs
     :math:`s'`). The environment's own reward is kept in ``info["true_reward"]``;
     termination and truncation are the environment's.
+
+    ``survival_bonus`` is added to every step's learned reward. The expert's likelihood
+    leaves a constant per step free, so this is the user's choice, not the reward's: on a
+    task that never ends early it changes nothing, and on one that ends when the agent
+    falls it is what staying alive pays (hopper's own reward pays 1 per step for it).
     """
 
-    def __init__(self, env: gym.Env, reward_net: RewardNet | Any):
+    def __init__(self, env: gym.Env, reward_net: RewardNet | Any, survival_bonus: float = 0.0):
         super().__init__(env)
         self.reward_net = reward_net.eval() if isinstance(reward_net, nn.Module) else reward_net
+        self.survival_bonus = float(survival_bonus)
         self._last_obs: Any = None
 
     def reset(self, **kwargs: Any):
@@ -174,4 +180,4 @@ class LearnedRewardWrapper(gym.Wrapper):
                                                            np.asarray(terminated))).reshape(-1)[0])
         info = dict(info, true_reward=reward)
         self._last_obs = obs
-        return obs, learned, terminated, truncated, info
+        return obs, learned + self.survival_bonus, terminated, truncated, info

@@ -87,6 +87,19 @@ def test_learned_reward_wrapper_gives_a_reward_object_the_whole_transition():
         assert info["true_reward"] == true_r
 
 
+def test_a_survival_bonus_is_added_to_every_learned_step_and_the_true_reward_is_kept():
+    plain = LearnedRewardWrapper(gym.make("Pendulum-v1"), RecordingReward())
+    bonus = LearnedRewardWrapper(gym.make("Pendulum-v1"), RecordingReward(), survival_bonus=1.5)
+    plain.reset(seed=3)
+    bonus.reset(seed=3)
+    for a in (0.5, -1.0, 2.0):
+        action = np.array([a], np.float32)
+        _, r0, _, _, info0 = plain.step(action)
+        _, r1, _, _, info1 = bonus.step(action)
+        assert r1 == pytest.approx(r0 + 1.5, abs=1e-9)
+        assert info1["true_reward"] == info0["true_reward"]
+
+
 def test_iqlearn_adapter_is_iqlearns_batched_reward_one_transition_at_a_time():
     env = gym.make("Pendulum-v1")
     torch.manual_seed(0)
@@ -112,6 +125,8 @@ def test_constant_source_pays_one_per_step_and_keeps_the_true_reward():
                                           ("bicql:with-mixed:sub20:1", ("bicql", ("with-mixed", "sub20", 1))),
                                           ("bicql_shaped:with-mixed:sub20:1",
                                            ("bicql_shaped", ("with-mixed", "sub20", 1))),
+                                          ("bicql_bonus:with-mixed:sub20:1",
+                                           ("bicql_bonus", ("with-mixed", "sub20", 1))),
                                           ("iqlearn:expert-only:full:10", ("iqlearn", ("expert-only", "full", 10)))])
 def test_reward_sources_parse(text, parsed):
     assert transfer_online.parse_source(text) == parsed
@@ -163,6 +178,21 @@ def test_the_shaped_source_reads_the_bicql_checkpoint_and_pays_its_shaped_reward
     next_obs, r, terminated, *_ = env.step(action)
     assert r == pytest.approx(float(shaped.predict(obs, action, next_obs, np.asarray(terminated))), rel=1e-5)
     assert r != pytest.approx(float(RewardNet.from_checkpoint(target).predict(obs, action)), abs=1e-3)
+
+
+def test_the_bonus_source_pays_the_bicql_reward_plus_the_constant_sources_one(pendulum_checkpoint, tmp_path):
+    task = Task(name="pendulum", env_id="Pendulum-v1", env_kwargs={}, expert_file=tmp_path / "unused.npz")
+    target = transfer_online.source_checkpoint(tmp_path, task, "bicql_bonus:with-mixed:sub20:1", seed=1)
+    assert target.name == "bicql_pendulum_with-mixed_sub20_n1_seed1.ckpt"
+    target.write_bytes(pendulum_checkpoint.read_bytes())
+    env = transfer_online.make_env(task, "bicql_bonus:with-mixed:sub20:1", target)
+    net = RewardNet.from_checkpoint(target)
+    obs, _ = env.reset(seed=0)
+    for a in (-0.5, 1.0):
+        action = np.array([a], np.float32)
+        next_obs, r, *_ = env.step(action)
+        assert r == pytest.approx(float(net.predict(obs, action)) + 1.0, abs=1e-5)
+        obs = next_obs
 
 
 class FixedAction:

@@ -4,7 +4,9 @@
     python examples/sac_on_learned_reward.py CHECKPOINT --env Hopper-v5 --steps 100000
 
 The environment's reward is replaced by the checkpoint's ``RewardNet`` (with ``--shaped``,
-by that reward shaped by the checkpoint's own soft value, ``ShapedReward``); termination,
+by that reward shaped by the checkpoint's own soft value, ``ShapedReward``; with
+``--survival-bonus C``, plus C per step, what staying alive pays where episodes end by
+falling); termination,
 truncation and the dynamics stay the environment's. At the end the policy is scored on
 the *true* reward (kept by the wrapper in ``info["true_reward"]``), deterministically,
 on reset seeds 10000.. . Needs ``pip install "bicql-lightning[bench]"`` (Stable-Baselines3).
@@ -49,11 +51,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save", default=None, help="where to save the trained SB3 model (.zip)")
     parser.add_argument("--shaped", action="store_true",
                         help="pay r(s,a) + γV(s') - V(s) with V the checkpoint's soft value (same optimal policies)")
+    parser.add_argument("--survival-bonus", type=float, default=0.0,
+                        help="added to every step's learned reward (the level the likelihood leaves free)")
     args = parser.parse_args(argv)
 
     # The two lines that matter: the learned reward, and the environment that pays it.
     reward = (ShapedReward if args.shaped else RewardNet).from_checkpoint(args.checkpoint)
-    env = LearnedRewardWrapper(gym.make(args.env), reward)
+    env = LearnedRewardWrapper(gym.make(args.env), reward, survival_bonus=args.survival_bonus)
 
     if args.algo == "sac":  # off-policy; the RL Zoo's 10k random warm-up steps for MuJoCo
         model = SAC("MlpPolicy", env, seed=args.seed, learning_starts=min(10_000, args.steps // 10), verbose=0)

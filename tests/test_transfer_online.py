@@ -42,13 +42,14 @@ def pendulum_checkpoint(tiny_data, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("algo, shaped", [("sac", False), ("ppo", False), ("sac", True)])
+@pytest.mark.parametrize("algo, options", [("sac", []), ("ppo", []), ("sac", ["--shaped"]),
+                                           ("sac", ["--survival-bonus", "1"])])
 def test_example_script_trains_sb3_on_a_bicql_reward_and_scores_it_on_the_true_reward(pendulum_checkpoint, algo,
-                                                                                      shaped, tmp_path):
+                                                                                      options, tmp_path):
     saved = tmp_path / "policy.zip"
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "sac_on_learned_reward.py"), str(pendulum_checkpoint),
                           "--env", "Pendulum-v1", "--algo", algo, "--steps", "128", "--episodes", "2",
-                          "--save", str(saved)] + (["--shaped"] if shaped else []),
+                          "--save", str(saved)] + options,
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     line = out.stdout.strip().splitlines()[-1]

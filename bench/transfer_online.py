@@ -27,7 +27,7 @@ Reward sources:
   likelihood leaves free, set to what the constant pays, so that against ``constant`` the
   run measures what the learned reward adds to survival;
 * ``iqlearn:REGIME:DEMOS:N``: IQ-Learn's recovered reward Q(s,a) - γ(1-done)V(s') of
-  that cell's checkpoint.
+  that cell's checkpoint; ``iqlearn_bonus:REGIME:DEMOS:N`` the same plus +1 per step.
 
 ``--variant NAME`` marks runs whose checkpoints were trained with other settings than the
 benchmark's (``bench.run --configs DIR --checkpoints OTHER``): rows record it and the
@@ -61,8 +61,9 @@ DEFAULT_SOURCES = ("true", "constant", "bicql:with-mixed:sub20:1", "bicql:expert
 # 256, automatic entropy tuning) with the RL Zoo's MuJoCo warm-up of 10k random steps.
 SAC_SETTINGS = {"learning_starts": 10_000}
 # Learned sources and the bench.run algorithm whose checkpoint each reads.
-LEARNED = {"bicql": "bicql", "bicql_shaped": "bicql", "bicql_bonus": "bicql", "iqlearn": "iqlearn"}
-# What ``bicql_bonus`` adds per step: the ``constant`` source's reward.
+LEARNED = {"bicql": "bicql", "bicql_shaped": "bicql", "bicql_bonus": "bicql", "iqlearn": "iqlearn",
+           "iqlearn_bonus": "iqlearn"}
+# What the ``*_bonus`` sources add per step: the ``constant`` source's reward.
 SURVIVAL_BONUS = 1.0
 
 
@@ -93,8 +94,8 @@ def parse_source(text: str) -> tuple[str, tuple[str, str, int] | None]:
     parts = rest.split(":")
     if kind not in LEARNED or len(parts) != 3 or not parts[2].isdigit():
         raise argparse.ArgumentTypeError(f"reward source {text!r}: use true, constant, bicql:REGIME:DEMOS:N, "
-                                         "bicql_shaped:REGIME:DEMOS:N, bicql_bonus:REGIME:DEMOS:N or "
-                                         "iqlearn:REGIME:DEMOS:N "
+                                         "bicql_shaped:REGIME:DEMOS:N, iqlearn:REGIME:DEMOS:N, or "
+                                         "bicql_bonus/iqlearn_bonus:REGIME:DEMOS:N "
                                          "(e.g. bicql:with-mixed:sub20:1)")
     return kind, (parts[0], parts[1], int(parts[2]))
 
@@ -115,8 +116,9 @@ def make_env(task: Task, source: str, checkpoint: Path | None) -> gym.Env:
         return env
     if kind == "constant":
         return ConstantReward(env)
-    if kind == "bicql_bonus":
-        return LearnedRewardWrapper(env, learned_reward("bicql", str(checkpoint)), survival_bonus=SURVIVAL_BONUS)
+    if kind.endswith("_bonus"):
+        return LearnedRewardWrapper(env, learned_reward(kind.removesuffix("_bonus"), str(checkpoint)),
+                                    survival_bonus=SURVIVAL_BONUS)
     return LearnedRewardWrapper(env, learned_reward(kind, str(checkpoint)))
 
 

@@ -128,6 +128,8 @@ def test_constant_source_pays_one_per_step_and_keeps_the_true_reward():
                                            ("bicql_shaped", ("with-mixed", "sub20", 1))),
                                           ("bicql_bonus:with-mixed:sub20:1",
                                            ("bicql_bonus", ("with-mixed", "sub20", 1))),
+                                          ("iqlearn_bonus:with-mixed:sub20:1",
+                                           ("iqlearn_bonus", ("with-mixed", "sub20", 1))),
                                           ("iqlearn:expert-only:full:10", ("iqlearn", ("expert-only", "full", 10)))])
 def test_reward_sources_parse(text, parsed):
     assert transfer_online.parse_source(text) == parsed
@@ -194,6 +196,24 @@ def test_the_bonus_source_pays_the_bicql_reward_plus_the_constant_sources_one(pe
         next_obs, r, *_ = env.step(action)
         assert r == pytest.approx(float(net.predict(obs, action)) + 1.0, abs=1e-5)
         obs = next_obs
+
+
+def test_the_iqlearn_bonus_source_pays_iqlearns_reward_plus_one(monkeypatch, tmp_path):
+    loaded = []
+
+    def fake_reward(kind, checkpoint):
+        loaded.append((kind, checkpoint))
+        return RecordingReward()
+
+    monkeypatch.setattr(transfer_online, "learned_reward", fake_reward)
+    task = Task(name="pendulum", env_id="Pendulum-v1", env_kwargs={}, expert_file=tmp_path / "unused.npz")
+    target = transfer_online.source_checkpoint(tmp_path, task, "iqlearn_bonus:with-mixed:sub20:1", seed=0)
+    assert target.name.startswith("iqlearn_")
+    env = transfer_online.make_env(task, "iqlearn_bonus:with-mixed:sub20:1", target)
+    obs, _ = env.reset(seed=0)
+    next_obs, r, *_ = env.step(np.array([0.3], np.float32))
+    assert loaded == [("iqlearn", str(target))]
+    assert r == pytest.approx(float(np.sum(next_obs) - np.sum(obs)) + 1.0, abs=1e-6)
 
 
 class FixedAction:

@@ -167,6 +167,8 @@ class LearnedRewardWrapper(gym.Wrapper):
         super().__init__(env)
         self.reward_net = reward_net.eval() if isinstance(reward_net, nn.Module) else reward_net
         self.survival_bonus = float(survival_bonus)
+        if not np.isfinite(self.survival_bonus):
+            raise ValueError(f"survival_bonus must be a finite number of reward per step, got {survival_bonus!r}")
         self._last_obs: Any = None
 
     def reset(self, **kwargs: Any):

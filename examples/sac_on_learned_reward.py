@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--survival-bonus", type=float, default=0.0,
                         help="added to every step's learned reward (the level the likelihood leaves free)")
     args = parser.parse_args(argv)
+    if not np.isfinite(args.survival_bonus):
+        parser.error(f"--survival-bonus must be a finite number, got {args.survival_bonus}")
 
     # The two lines that matter: the learned reward, and the environment that pays it.
     reward = (ShapedReward if args.shaped else RewardNet).from_checkpoint(args.checkpoint)

@@ -101,6 +101,12 @@ def test_a_survival_bonus_is_added_to_every_learned_step_and_the_true_reward_is_
         assert info1["true_reward"] == info0["true_reward"]
 
 
+@pytest.mark.parametrize("bonus", [float("nan"), float("inf")])
+def test_a_survival_bonus_that_is_not_a_finite_number_is_refused_in_one_line(bonus):
+    with pytest.raises(ValueError, match="survival_bonus must be a finite number"):
+        LearnedRewardWrapper(gym.make("Pendulum-v1"), RecordingReward(), survival_bonus=bonus)
+
+
 def test_iqlearn_adapter_is_iqlearns_batched_reward_one_transition_at_a_time():
     env = gym.make("Pendulum-v1")
     torch.manual_seed(0)

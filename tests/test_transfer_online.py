@@ -175,12 +175,17 @@ def test_a_run_records_one_true_reward_evaluation_per_interval(pendulum_checkpoi
     assert r == pytest.approx(float(net.predict(obs, np.array([1.0], np.float32))), abs=1e-6)
 
 
-def test_the_shaped_source_reads_the_bicql_checkpoint_and_pays_its_shaped_reward(pendulum_checkpoint, tmp_path):
+def bicql_source_env(pendulum_checkpoint, tmp_path, source: str, seed: int):
+    """``source``'s Pendulum environment, its checkpoint where ``bench.run`` would save that seed's."""
     task = Task(name="pendulum", env_id="Pendulum-v1", env_kwargs={}, expert_file=tmp_path / "unused.npz")
-    target = transfer_online.source_checkpoint(tmp_path, task, "bicql_shaped:with-mixed:sub20:1", seed=2)
-    assert target.name == "bicql_pendulum_with-mixed_sub20_n1_seed2.ckpt"
+    target = transfer_online.source_checkpoint(tmp_path, task, source, seed=seed)
+    assert target.name == f"bicql_pendulum_with-mixed_sub20_n1_seed{seed}.ckpt"
     target.write_bytes(pendulum_checkpoint.read_bytes())
-    env = transfer_online.make_env(task, "bicql_shaped:with-mixed:sub20:1", target)
+    return transfer_online.make_env(task, source, target), target
+
+
+def test_the_shaped_source_reads_the_bicql_checkpoint_and_pays_its_shaped_reward(pendulum_checkpoint, tmp_path):
+    env, target = bicql_source_env(pendulum_checkpoint, tmp_path, "bicql_shaped:with-mixed:sub20:1", seed=2)
     shaped = ShapedReward.from_checkpoint(target)
     obs, _ = env.reset(seed=0)
     action = np.array([-0.5], np.float32)
@@ -190,11 +195,7 @@ def test_the_shaped_source_reads_the_bicql_checkpoint_and_pays_its_shaped_reward
 
 
 def test_the_bonus_source_pays_the_bicql_reward_plus_the_constant_sources_one(pendulum_checkpoint, tmp_path):
-    task = Task(name="pendulum", env_id="Pendulum-v1", env_kwargs={}, expert_file=tmp_path / "unused.npz")
-    target = transfer_online.source_checkpoint(tmp_path, task, "bicql_bonus:with-mixed:sub20:1", seed=1)
-    assert target.name == "bicql_pendulum_with-mixed_sub20_n1_seed1.ckpt"
-    target.write_bytes(pendulum_checkpoint.read_bytes())
-    env = transfer_online.make_env(task, "bicql_bonus:with-mixed:sub20:1", target)
+    env, target = bicql_source_env(pendulum_checkpoint, tmp_path, "bicql_bonus:with-mixed:sub20:1", seed=1)
     net = RewardNet.from_checkpoint(target)
     obs, _ = env.reset(seed=0)
     for a in (-0.5, 1.0):

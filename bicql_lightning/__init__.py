@@ -11,6 +11,7 @@ from .iqlearn import IQLearn
 from .module import BiCQLML
 from .networks import EnsembleLinear, ObservationEncoder, QEnsemble, polyak_update
 from .policies import BoltzmannPolicy, QPolicy, TiltedPriorPolicy
+from .ranked import RankedReward
 from .reward import CheckpointError, LearnedRewardWrapper, RewardNet
 from .seeds import SeedBatch, fit_seeds
 from .shaping import ShapedReward, SoftValuePotential
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActionProposal", "AtomicCheckpointIO", "BehaviorCloning", "BiCQLML", "BoltzmannPolicy", "CheckpointError",
     "DatasetError", "EnsembleLinear", "FitPolicy", "GaussianPolicy", "IQL", "IQLearn", "LearnedRewardWrapper",
-    "ObservationEncoder", "OfflineIRLDataModule", "QEnsemble", "QPolicy", "RewardNet", "RolloutEvaluation",
+    "ObservationEncoder", "OfflineIRLDataModule", "QEnsemble", "QPolicy", "RankedReward", "RewardNet", "RolloutEvaluation",
     "SeedBatch", "ShapedReward", "SoftValuePotential", "TiltedPriorPolicy", "SpaceSpec", "TargetNetworkUpdate",
     "TransitionStore",
     "Transitions", "collect_dataset", "evaluate_policy", "fit_seeds", "load_transitions", "normalized_score",

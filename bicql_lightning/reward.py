@@ -106,27 +106,37 @@ class RewardNet(nn.Module):
             raise ValueError("reward_table needs a Discrete action space")
         return self._bound(float32_head(self.net, self.encoder(state)))
 
-    def forward(self, state: Tensor, action: Tensor, next_state: Tensor | None = None,
-                done: Tensor | None = None) -> Tensor:
+    def logit(self, state: Tensor, action: Tensor) -> Tensor:
+        """The network's output before the bound, ``(B,)``: the same order as ``forward``,
+        kept where the bound's floor rounds many rewards to one value."""
         if self.discrete:
-            table = self.reward_table(state)  # (B, A)
+            table = float32_head(self.net, self.encoder(state))  # (B, A)
             return table.gather(1, action.long().reshape(-1, 1)).squeeze(1)
         unit = (action.reshape(action.shape[0], -1).to(self.action_half.dtype)
                 - self.action_center) / self.action_half
-        return self._bound(float32_head(self.net, torch.cat([self.encoder(state), unit], dim=-1)).squeeze(-1))
+        return float32_head(self.net, torch.cat([self.encoder(state), unit], dim=-1)).squeeze(-1)
+
+    def forward(self, state: Tensor, action: Tensor, next_state: Tensor | None = None,
+                done: Tensor | None = None) -> Tensor:
+        return self._bound(self.logit(state, action))
 
     @torch.no_grad()
     def predict(self, state: np.ndarray, action: np.ndarray, next_state: np.ndarray | None = None,
                 done: np.ndarray | None = None) -> np.ndarray:
         """``forward`` on numpy arrays (batched, or one transition), returning numpy."""
+        state_t, action_t, single = self.batch(state, action)
+        out = self(state_t, action_t).cpu().numpy()
+        return out[0] if single else out
+
+    def batch(self, state: Any, action: Any) -> tuple[Tensor, Tensor, bool]:
+        """Numpy pair(s) as a batch on this network's device, and whether one came unbatched."""
         device = next(self.parameters()).device
         state_t = torch.as_tensor(np.asarray(state), device=device)
         action_t = torch.as_tensor(np.asarray(action), device=device)
         single = state_t.dim() == (0 if self.spaces["obs_kind"] == "discrete" else 1)
         if single:
             state_t, action_t = state_t.unsqueeze(0), action_t.reshape(1, -1)
-        out = self(state_t, action_t).cpu().numpy()
-        return out[0] if single else out
+        return state_t, action_t, single
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, attribute: str = "reward_net") -> RewardNet:

@@ -1,0 +1,80 @@
+r"""The learned reward as a rank among the logged data's pairs, for RL from scratch.
+
+BiCQL-ML's reward is bounded, :math:`b\tanh(x/b) + o`, and the expert's likelihood leaves
+its level free. Under the free level most of the logged data D sits on the bound's floor
+(on hopper with-mixed, 80 % of D's pairs within 0.01 of 0) while the network's output
+:math:`x` before the bound still orders them: D's median pair at :math:`x \approx -32`,
+the expert's at :math:`-4`. An agent that learns online from scratch reads only the
+bounded reward, which is the same 0 wherever it goes.
+
+``RankedReward`` pays a pair the share of D's pairs whose :math:`x` it exceeds,
+
+.. math:: r'(s, a) = \hat F_D\big(x(s, a)\big) \in [0, 1],
+
+:math:`\hat F_D` the empirical distribution of :math:`x` over D (linear between D's
+values, so the reward is continuous). Ranks keep the reward's order on every pair (a
+monotone map of it) and discard its scale, the part the floor destroyed. Every step pays
+something between 0 and 1, as much as the ``constant`` survival reward at most, and D's
+median pair pays 0.5, so staying up is worth something and the expert's pairs are worth
+most. It is a new reward, not the learned one: a monotone map changes which policies
+are optimal, which is why it is an option to measure, not the learned reward's default.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from .reward import RewardNet
+
+
+class RankedReward:
+    """``r'(s, a)``: the share of D's pairs that a ``RewardNet`` ranks below ``(s, a)``.
+
+    Build it with :meth:`fit` on D's observations and actions (or :meth:`from_checkpoint`
+    with a Minari dataset id); ``predict(state, action, next_state=None, done=None)`` has
+    imitation's signature, for :class:`~bicql_lightning.LearnedRewardWrapper`.
+    """
+
+    def __init__(self, reward_net: RewardNet, reference: np.ndarray):
+        reference = np.sort(np.asarray(reference, dtype=np.float64).ravel())
+        if reference.size < 2 or not np.isfinite(reference).all():
+            raise ValueError(f"RankedReward needs at least 2 finite reference logits (got {reference.size}, "
+                             f"{int((~np.isfinite(reference)).sum())} not finite): fit it on D's pairs.")
+        self.reward_net = reward_net.eval()
+        self.reference = reference
+        # The i-th smallest of n values sits at rank (i + 1/2)/n; below D's least pair 0, above its greatest 1.
+        self.levels = (np.arange(reference.size) + 0.5) / reference.size
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, reward_net: RewardNet, observations: np.ndarray, actions: np.ndarray,
+            batch_size: int = 65_536) -> RankedReward:
+        """Rank against the pairs ``(observations[i], actions[i])`` of D."""
+        observations, actions = np.asarray(observations), np.asarray(actions)
+        if len(observations) != len(actions):
+            raise ValueError(f"RankedReward.fit: {len(observations)} observations but {len(actions)} actions; "
+                             "pass D's pairs, one action per observation.")
+        device = next(reward_net.parameters()).device
+        logits = [reward_net.logit(torch.as_tensor(observations[i:i + batch_size], device=device),
+                                   torch.as_tensor(actions[i:i + batch_size], device=device)).double().cpu().numpy()
+                  for i in range(0, len(observations), batch_size)]
+        return cls(reward_net, np.concatenate(logits) if logits else np.empty(0))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, dataset_id: str | list[str]) -> RankedReward:
+        """A ``BiCQLML`` checkpoint's reward, ranked against the pairs of Minari dataset(s) D."""
+        from .datasets import load_transitions
+
+        data = load_transitions(dataset_id)
+        return cls.fit(RewardNet.from_checkpoint(path), data.observations, data.actions)
+
+    @torch.no_grad()
+    def predict(self, state: Any, action: Any, next_state: Any = None, done: Any = None) -> np.ndarray:
+        state_t, action_t, single = self.reward_net.batch(state, action)
+        logit = self.reward_net.logit(state_t, action_t).double().cpu().numpy()
+        ranks = np.interp(logit, self.reference, self.levels, left=0.0, right=1.0)
+        return ranks[0] if single else ranks

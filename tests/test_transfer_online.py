@@ -18,7 +18,8 @@ import torch
 
 from bench import transfer_online
 from bench.datasets import Task
-from bicql_lightning import BiCQLML, IQLearn, LearnedRewardWrapper, OfflineIRLDataModule, RewardNet, ShapedReward
+from bicql_lightning import (BiCQLML, IQLearn, LearnedRewardWrapper, OfflineIRLDataModule, RankedReward, RewardNet,
+                             ShapedReward, load_transitions)
 from bicql_lightning.spaces import space_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +135,8 @@ def test_constant_source_pays_one_per_step_and_keeps_the_true_reward():
                                            ("bicql_shaped", ("with-mixed", "sub20", 1))),
                                           ("bicql_bonus:with-mixed:sub20:1",
                                            ("bicql_bonus", ("with-mixed", "sub20", 1))),
+                                          ("bicql_ranked:with-medium:sub20:1",
+                                           ("bicql_ranked", ("with-medium", "sub20", 1))),
                                           ("iqlearn_bonus:with-mixed:sub20:1",
                                            ("iqlearn_bonus", ("with-mixed", "sub20", 1))),
                                           ("iqlearn:expert-only:full:10", ("iqlearn", ("expert-only", "full", 10)))])
@@ -202,6 +205,27 @@ def test_the_bonus_source_pays_the_bicql_reward_plus_the_constant_sources_one(pe
         action = np.array([a], np.float32)
         next_obs, r, *_ = env.step(action)
         assert r == pytest.approx(float(net.predict(obs, action)) + 1.0, abs=1e-5)
+        obs = next_obs
+
+
+def test_the_ranked_source_pays_the_checkpoints_reward_ranked_among_the_cells_offline_pairs(
+        pendulum_checkpoint, tiny, monkeypatch, tmp_path):
+    task = Task(name="hopper", env_id="Hopper-v5", env_kwargs={}, expert_file=tmp_path / "unused.npz")
+    assert transfer_online.ranking_data(task, "bicql_ranked:with-mixed:sub20:1") == "bench/hopper/mixed-v0"
+    assert transfer_online.ranking_data(task, "bicql_ranked:with-medium:full:1") == "bench/hopper/medium-v0"
+    assert transfer_online.ranking_data(task, "bicql_ranked:expert-only:full:10") == "bench/hopper/expert-n10-v0"
+    offline = tiny.ids("pendulum")[1]
+    monkeypatch.setattr(transfer_online, "ranking_data", lambda task, source: offline)
+    env, target = bicql_source_env(pendulum_checkpoint, tmp_path, "bicql_ranked:with-mixed:sub20:1", seed=0)
+    ranked = RankedReward.from_checkpoint(target, offline)
+    data = load_transitions(offline)
+    assert ranked.predict(data.observations, data.actions).mean() == pytest.approx(0.5)
+    obs, _ = env.reset(seed=0)
+    for a in (-1.5, 0.7):
+        action = np.array([a], np.float32)
+        next_obs, r, _, _, info = env.step(action)
+        assert 0.0 <= r <= 1.0 and r == pytest.approx(float(ranked.predict(obs, action)), abs=1e-9)
+        assert info["true_reward"] < 0
         obs = next_obs
 
 

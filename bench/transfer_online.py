@@ -52,7 +52,7 @@ import torch
 from bench.datasets import Task, read_manifest
 from bench.machine import machine
 from bench.run import EVAL_SEEDS, OFFLINE, append_line, checkpoint_path, git_commit, versions
-from bicql_lightning import IQLearn, LearnedRewardWrapper, RankedReward, RewardNet, ShapedReward
+from bicql_lightning import IQLearn, LearnedRewardWrapper, RankedReward, RewardNet, ShapedReward, load_transitions
 from bicql_lightning.callbacks import normalized_score, rollout_episodes
 
 DEFAULT_SOURCES = ("true", "constant", "bicql:with-mixed:sub20:1", "bicql:expert-only:full:1",
@@ -62,7 +62,7 @@ DEFAULT_SOURCES = ("true", "constant", "bicql:with-mixed:sub20:1", "bicql:expert
 SAC_SETTINGS = {"learning_starts": 10_000}
 # Learned sources and the bench.run algorithm whose checkpoint each reads.
 LEARNED = {"bicql": "bicql", "bicql_shaped": "bicql", "bicql_bonus": "bicql", "bicql_ranked": "bicql",
-           "iqlearn": "iqlearn", "iqlearn_bonus": "iqlearn"}
+           "untrained_ranked": "bicql", "iqlearn": "iqlearn", "iqlearn_bonus": "iqlearn"}
 # What the ``*_bonus`` sources add per step: the ``constant`` source's reward.
 SURVIVAL_BONUS = 1.0
 
@@ -94,7 +94,8 @@ def parse_source(text: str) -> tuple[str, tuple[str, str, int] | None]:
     parts = rest.split(":")
     if kind not in LEARNED or len(parts) != 3 or not parts[2].isdigit():
         raise argparse.ArgumentTypeError(f"reward source {text!r}: use true, constant, bicql:REGIME:DEMOS:N, "
-                                         "bicql_shaped:REGIME:DEMOS:N, bicql_ranked:REGIME:DEMOS:N, iqlearn:REGIME:DEMOS:N, or "
+                                         "bicql_shaped:REGIME:DEMOS:N, bicql_ranked:REGIME:DEMOS:N (untrained_ranked: its control), "
+                                         "iqlearn:REGIME:DEMOS:N, or "
                                          "bicql_bonus/iqlearn_bonus:REGIME:DEMOS:N "
                                          "(e.g. bicql:with-mixed:sub20:1)")
     return kind, (parts[0], parts[1], int(parts[2]))
@@ -119,13 +120,13 @@ def make_env(task: Task, source: str, checkpoint: Path | None) -> gym.Env:
     if kind.endswith("_bonus"):
         return LearnedRewardWrapper(env, learned_reward(kind.removesuffix("_bonus"), str(checkpoint)),
                                     survival_bonus=SURVIVAL_BONUS)
-    if kind == "bicql_ranked":
+    if kind.endswith("_ranked"):
         return LearnedRewardWrapper(env, learned_reward(kind, str(checkpoint), ranking_data(task, source)))
     return LearnedRewardWrapper(env, learned_reward(kind, str(checkpoint)))
 
 
 def ranking_data(task: Task, source: str) -> str:
-    """The dataset a ``bicql_ranked`` source ranks against: the cell's D (D_E itself where expert-only)."""
+    """The dataset a ``*_ranked`` source ranks against: the cell's D (D_E itself where expert-only)."""
     regime, demos, n = parse_source(source)[1]
     return task.dataset_id(OFFLINE.get(regime, f"expert-n{n}"))
 
@@ -140,7 +141,24 @@ def learned_reward(kind: str, checkpoint: str, data: str | None = None
         return ShapedReward.from_checkpoint(checkpoint)
     if kind == "bicql_ranked":
         return RankedReward.from_checkpoint(checkpoint, data)
+    if kind == "untrained_ranked":
+        return RankedReward.fit(untrained(RewardNet.from_checkpoint(checkpoint)), *pairs(data))
     return IQLearnReward(IQLearn.load_from_checkpoint(checkpoint, map_location="cpu"))
+
+
+def untrained(net: RewardNet, seed: int = 0) -> RewardNet:
+    """The control for ``bicql_ranked``: the same network and observation normalisation with
+    freshly drawn weights, so its ranks order D's pairs at random (smoothly in (s, a))."""
+    torch.manual_seed(seed)
+    for layer in net.net:
+        if isinstance(layer, torch.nn.Linear):
+            layer.reset_parameters()
+    return net.eval()
+
+
+def pairs(dataset_id: str) -> tuple[np.ndarray, np.ndarray]:
+    data = load_transitions(dataset_id)
+    return data.observations, data.actions
 
 
 def references(task: Task) -> tuple[float, float]:

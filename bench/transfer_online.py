@@ -94,8 +94,8 @@ def parse_source(text: str) -> tuple[str, tuple[str, str, int] | None]:
     parts = rest.split(":")
     if kind not in LEARNED or len(parts) != 3 or not parts[2].isdigit():
         raise argparse.ArgumentTypeError(f"reward source {text!r}: use true, constant, bicql:REGIME:DEMOS:N, "
-                                         "bicql_shaped:REGIME:DEMOS:N, bicql_ranked:REGIME:DEMOS:N (untrained_ranked: its control), "
-                                         "iqlearn:REGIME:DEMOS:N, or "
+                                         "bicql_shaped:REGIME:DEMOS:N, bicql_ranked:REGIME:DEMOS:N "
+                                         "(untrained_ranked: its control), iqlearn:REGIME:DEMOS:N, or "
                                          "bicql_bonus/iqlearn_bonus:REGIME:DEMOS:N "
                                          "(e.g. bicql:with-mixed:sub20:1)")
     return kind, (parts[0], parts[1], int(parts[2]))

@@ -23,8 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ActionProposal", "AtomicCheckpointIO", "BehaviorCloning", "BiCQLML", "BoltzmannPolicy", "CheckpointError",
     "DatasetError", "EnsembleLinear", "FitPolicy", "GaussianPolicy", "IQL", "IQLearn", "LearnedRewardWrapper",
-    "ObservationEncoder", "OfflineIRLDataModule", "QEnsemble", "QPolicy", "RankedReward", "RewardNet", "RolloutEvaluation",
-    "SeedBatch", "ShapedReward", "SoftValuePotential", "TiltedPriorPolicy", "SpaceSpec", "TargetNetworkUpdate",
+    "ObservationEncoder", "OfflineIRLDataModule", "QEnsemble", "QPolicy", "RankedReward", "RewardNet",
+    "RolloutEvaluation", "SeedBatch", "ShapedReward", "SoftValuePotential", "TiltedPriorPolicy", "SpaceSpec", "TargetNetworkUpdate",
     "TransitionStore",
     "Transitions", "collect_dataset", "evaluate_policy", "fit_seeds", "load_transitions", "normalized_score",
     "polyak_update", "space_spec",

@@ -17,7 +17,9 @@ monotone map of it) and discard its scale, the part the floor destroyed. Every s
 something between 0 and 1, as much as the ``constant`` survival reward at most, and D's
 median pair pays 0.5, so staying up is worth something and the expert's pairs are worth
 most. It is a new reward, not the learned one: a monotone map changes which policies
-are optimal, which is why it is an option to measure, not the learned reward's default.
+are optimal, which is why it is an option, not the learned reward's default. On hopper
+(SAC, 100k steps) it made SAC stand, as a freshly initialised network ranked the same way
+does: docs/reward_transfer.md.
 """
 
 from __future__ import annotations

@@ -148,11 +148,13 @@ def learned_reward(kind: str, checkpoint: str, data: str | None = None
 
 def untrained(net: RewardNet, seed: int = 0) -> RewardNet:
     """The control for ``bicql_ranked``: the same network and observation normalisation with
-    freshly drawn weights, so its ranks order D's pairs at random (smoothly in (s, a))."""
-    torch.manual_seed(seed)
-    for layer in net.net:
-        if isinstance(layer, torch.nn.Linear):
-            layer.reset_parameters()
+    freshly drawn weights, so its ranks order D's pairs at random (smoothly in (s, a)).
+    The draw is the same for every run and leaves the caller's random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in net.net:
+            if isinstance(layer, torch.nn.Linear):
+                layer.reset_parameters()
     return net.eval()
 
 

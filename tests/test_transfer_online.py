@@ -229,6 +229,20 @@ def test_the_ranked_source_pays_the_checkpoints_reward_ranked_among_the_cells_of
         obs = next_obs
 
 
+def test_the_ranked_sources_control_draws_the_same_fresh_weights_and_leaves_the_random_state_alone(
+        pendulum_checkpoint):
+    trained = RewardNet.from_checkpoint(pendulum_checkpoint)
+    loaded = RewardNet.from_checkpoint(pendulum_checkpoint)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = transfer_online.untrained(loaded)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = transfer_online.untrained(RewardNet.from_checkpoint(pendulum_checkpoint))
+    for a, b, t in zip(first.net.parameters(), second.net.parameters(), trained.net.parameters()):
+        assert torch.equal(a, b) and not torch.equal(a, t)
+    assert torch.equal(first.encoder.mean, trained.encoder.mean)  # D's observation normalisation kept
+
+
 def test_the_iqlearn_bonus_source_pays_iqlearns_reward_plus_one(monkeypatch, tmp_path):
     loaded = []
 

@@ -62,7 +62,7 @@ DEFAULT_SOURCES = ("true", "constant", "bicql:with-mixed:sub20:1", "bicql:expert
 SAC_SETTINGS = {"learning_starts": 10_000}
 # Learned sources and the bench.run algorithm whose checkpoint each reads.
 LEARNED = {"bicql": "bicql", "bicql_shaped": "bicql", "bicql_bonus": "bicql", "bicql_ranked": "bicql",
-           "untrained_ranked": "bicql", "iqlearn": "iqlearn", "iqlearn_bonus": "iqlearn"}
+           "bicql_advantage": "bicql", "untrained_ranked": "bicql", "iqlearn": "iqlearn", "iqlearn_bonus": "iqlearn"}
 # What the ``*_bonus`` sources add per step: the ``constant`` source's reward.
 SURVIVAL_BONUS = 1.0
 
@@ -95,7 +95,8 @@ def parse_source(text: str) -> tuple[str, tuple[str, str, int] | None]:
     if kind not in LEARNED or len(parts) != 3 or not parts[2].isdigit():
         raise argparse.ArgumentTypeError(f"reward source {text!r}: use true, constant, bicql:REGIME:DEMOS:N, "
                                          "bicql_shaped:REGIME:DEMOS:N, bicql_ranked:REGIME:DEMOS:N "
-                                         "(untrained_ranked: its control), iqlearn:REGIME:DEMOS:N, or "
+                                         "(untrained_ranked: its control), bicql_advantage:REGIME:DEMOS:N, "
+                                         "iqlearn:REGIME:DEMOS:N, or "
                                          "bicql_bonus/iqlearn_bonus:REGIME:DEMOS:N "
                                          "(e.g. bicql:with-mixed:sub20:1)")
     return kind, (parts[0], parts[1], int(parts[2]))
@@ -120,13 +121,14 @@ def make_env(task: Task, source: str, checkpoint: Path | None) -> gym.Env:
     if kind.endswith("_bonus"):
         return LearnedRewardWrapper(env, learned_reward(kind.removesuffix("_bonus"), str(checkpoint)),
                                     survival_bonus=SURVIVAL_BONUS)
-    if kind.endswith("_ranked"):
+    if kind.endswith("_ranked") or kind == "bicql_advantage":
         return LearnedRewardWrapper(env, learned_reward(kind, str(checkpoint), ranking_data(task, source)))
     return LearnedRewardWrapper(env, learned_reward(kind, str(checkpoint)))
 
 
 def ranking_data(task: Task, source: str) -> str:
-    """The dataset a ``*_ranked`` source ranks against: the cell's D (D_E itself where expert-only)."""
+    """The dataset a ``*_ranked`` or ``bicql_advantage`` source ranks against: the cell's D
+    (D_E itself where expert-only)."""
     regime, demos, n = parse_source(source)[1]
     return task.dataset_id(OFFLINE.get(regime, f"expert-n{n}"))
 
@@ -141,6 +143,8 @@ def learned_reward(kind: str, checkpoint: str, data: str | None = None
         return ShapedReward.from_checkpoint(checkpoint)
     if kind == "bicql_ranked":
         return RankedReward.from_checkpoint(checkpoint, data)
+    if kind == "bicql_advantage":
+        return RankedReward.from_checkpoint(checkpoint, data, score="soft_advantage")
     if kind == "untrained_ranked":
         return RankedReward.fit(untrained(RewardNet.from_checkpoint(checkpoint)), *pairs(data))
     return IQLearnReward(IQLearn.load_from_checkpoint(checkpoint, map_location="cpu"))

@@ -14,7 +14,7 @@ from .policies import BoltzmannPolicy, QPolicy, TiltedPriorPolicy
 from .ranked import RankedReward
 from .reward import CheckpointError, LearnedRewardWrapper, RewardNet
 from .seeds import SeedBatch, fit_seeds
-from .shaping import ShapedReward, SoftValuePotential
+from .shaping import ShapedReward, SoftAdvantage, SoftValuePotential
 from .spaces import SpaceSpec, space_spec
 from . import tabular  # noqa: F401 - registers the tabular MDPs' Gymnasium ids
 
@@ -24,7 +24,8 @@ __all__ = [
     "ActionProposal", "AtomicCheckpointIO", "BehaviorCloning", "BiCQLML", "BoltzmannPolicy", "CheckpointError",
     "DatasetError", "EnsembleLinear", "FitPolicy", "GaussianPolicy", "IQL", "IQLearn", "LearnedRewardWrapper",
     "ObservationEncoder", "OfflineIRLDataModule", "QEnsemble", "QPolicy", "RankedReward", "RewardNet",
-    "RolloutEvaluation", "SeedBatch", "ShapedReward", "SoftValuePotential", "TiltedPriorPolicy", "SpaceSpec", "TargetNetworkUpdate",
+    "RolloutEvaluation", "SeedBatch", "ShapedReward", "SoftAdvantage", "SoftValuePotential",
+    "TiltedPriorPolicy", "SpaceSpec", "TargetNetworkUpdate",
     "TransitionStore",
     "Transitions", "collect_dataset", "evaluate_policy", "fit_seeds", "load_transitions", "normalized_score",
     "polyak_update", "space_spec",

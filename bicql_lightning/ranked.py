@@ -20,6 +20,10 @@ most. It is a new reward, not the learned one: a monotone map changes which poli
 are optimal, which is why it is an option, not the learned reward's default. On hopper
 (SAC, 100k steps) it made SAC stand, as a freshly initialised network ranked the same way
 does: docs/reward_transfer.md.
+
+The same ranks apply to any scorer of pairs: :class:`~bicql_lightning.SoftAdvantage`
+(the module's :math:`Q(s,a) - V(s)`, which scores the action given the state) ranks
+with ``RankedReward.from_checkpoint(path, dataset_id, score="soft_advantage")``.
 """
 
 from __future__ import annotations
@@ -33,15 +37,24 @@ import torch
 from .reward import RewardNet
 
 
+def pair_scores(scorer: Any, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """What a ranked reward orders by: a ``RewardNet``'s output before its bound, or a
+    scorer's own output (``SoftAdvantage``)."""
+    return scorer.logit(state, action) if isinstance(scorer, RewardNet) else scorer(state, action)
+
+
 class RankedReward:
-    """``r'(s, a)``: the share of D's pairs that a ``RewardNet`` ranks below ``(s, a)``.
+    """``r'(s, a)``: the share of D's pairs that a scorer ranks below ``(s, a)``.
+
+    The scorer is a ``RewardNet`` (ranked by its output before the bound) or any module
+    with ``forward(state, action) -> (B,)`` and ``batch(state, action)`` (``SoftAdvantage``).
 
     Build it with :meth:`fit` on D's observations and actions (or :meth:`from_checkpoint`
     with a Minari dataset id); ``predict(state, action, next_state=None, done=None)`` has
     imitation's signature, for :class:`~bicql_lightning.LearnedRewardWrapper`.
     """
 
-    def __init__(self, reward_net: RewardNet, reference: np.ndarray):
+    def __init__(self, reward_net: Any, reference: np.ndarray):
         reference = np.sort(np.asarray(reference, dtype=np.float64).ravel())
         if reference.size < 2 or not np.isfinite(reference).all():
             raise ValueError(f"RankedReward needs at least 2 finite reference logits (got {reference.size}, "
@@ -53,30 +66,36 @@ class RankedReward:
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, reward_net: RewardNet, observations: np.ndarray, actions: np.ndarray,
-            batch_size: int = 65_536) -> RankedReward:
+    def fit(cls, reward_net: Any, observations: np.ndarray, actions: np.ndarray,
+            batch_size: int = 2_048) -> RankedReward:
         """Rank against the pairs ``(observations[i], actions[i])`` of D."""
         observations, actions = np.asarray(observations), np.asarray(actions)
         if len(observations) != len(actions):
             raise ValueError(f"RankedReward.fit: {len(observations)} observations but {len(actions)} actions; "
                              "pass D's pairs, one action per observation.")
         device = next(reward_net.parameters()).device
-        logits = [reward_net.logit(torch.as_tensor(observations[i:i + batch_size], device=device),
-                                   torch.as_tensor(actions[i:i + batch_size], device=device)).double().cpu().numpy()
+        logits = [pair_scores(reward_net, torch.as_tensor(observations[i:i + batch_size], device=device),
+                              torch.as_tensor(actions[i:i + batch_size], device=device)).double().cpu().numpy()
                   for i in range(0, len(observations), batch_size)]
         return cls(reward_net, np.concatenate(logits) if logits else np.empty(0))
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, dataset_id: str | list[str]) -> RankedReward:
-        """A ``BiCQLML`` checkpoint's reward, ranked against the pairs of Minari dataset(s) D."""
+    def from_checkpoint(cls, path: str | os.PathLike, dataset_id: str | list[str],
+                        score: str = "reward") -> RankedReward:
+        """A ``BiCQLML`` checkpoint's reward (``score="reward"``) or soft advantage
+        (``score="soft_advantage"``), ranked against the pairs of Minari dataset(s) D."""
         from .datasets import load_transitions
+        from .shaping import SoftAdvantage
 
+        if score not in ("reward", "soft_advantage"):
+            raise ValueError(f"RankedReward.from_checkpoint: score={score!r}; use 'reward' or 'soft_advantage'.")
+        scorer = RewardNet.from_checkpoint(path) if score == "reward" else SoftAdvantage.from_checkpoint(path)
         data = load_transitions(dataset_id)
-        return cls.fit(RewardNet.from_checkpoint(path), data.observations, data.actions)
+        return cls.fit(scorer, data.observations, data.actions)
 
     @torch.no_grad()
     def predict(self, state: Any, action: Any, next_state: Any = None, done: Any = None) -> np.ndarray:
         state_t, action_t, single = self.reward_net.batch(state, action)
-        logit = self.reward_net.logit(state_t, action_t).double().cpu().numpy()
+        logit = pair_scores(self.reward_net, state_t, action_t).double().cpu().numpy()
         ranks = np.interp(logit, self.reference, self.levels, left=0.0, right=1.0)
         return ranks[0] if single else ranks

@@ -79,6 +79,52 @@ class SoftValuePotential(nn.Module):
         return out[0] if single else out
 
 
+class SoftAdvantage(nn.Module):
+    r""":math:`A(s,a) = \min_i Q_i(s,a) - V(s)`, a trained BiCQL-ML module's soft advantage.
+
+    Under the module's Boltzmann policy :math:`\pi(a|s) \propto \exp(Q(s,a)/T)` it is
+    :math:`T \log \pi(a|s)` (up to the proposal's density for Box actions): how much the
+    controller prefers ``a`` to its own average in ``s``, a score of the action *given*
+    the state. The reward :math:`r_\theta` regresses onto :math:`Q(s,a) - \gamma V(s')`
+    and carries mostly the state's level; :math:`A` carries the action's choice, the
+    part an agent learning from scratch needs at states the expert never visited.
+    :math:`V` is :class:`SoftValuePotential`'s (fixed noise), so :math:`A` is a
+    deterministic function of the pair. ``batch`` and ``forward(state, action)`` make it
+    a scorer for :class:`~bicql_lightning.RankedReward`.
+    """
+
+    def __init__(self, module: Any, num_samples: int = 64, seed: int = 0):
+        super().__init__()
+        self.value = SoftValuePotential(module, num_samples, seed)
+        self.discrete = self.value.proposal is None
+        self.obs_kind = self.value.encoder.obs_kind
+        self.requires_grad_(False).eval()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, num_samples: int = 64, seed: int = 0) -> SoftAdvantage:
+        """The soft advantage of a checkpoint written by ``BiCQLML``, on the CPU."""
+        from .module import BiCQLML
+
+        return cls(BiCQLML.load_from_checkpoint(path, map_location="cpu"), num_samples, seed)
+
+    @torch.no_grad()
+    def forward(self, state: Tensor, action: Tensor) -> Tensor:
+        """``(B, ...)`` raw observations and ``(B, ...)`` actions -> ``(B,)`` soft advantages."""
+        encoded = self.value.encoder(state)
+        if self.discrete:
+            q = self.value.q_net(encoded).float().min(0).values
+            q = q.gather(1, action.long().reshape(-1, 1)).squeeze(1)
+        else:
+            q = self.value.q_net(encoded, action.reshape(action.shape[0], -1).float()).float().min(0).values
+        return q - self.value(state)
+
+    def batch(self, state: Any, action: Any) -> tuple[Tensor, Tensor, bool]:
+        """Numpy pair(s) as a batch on this module's device, and whether one came unbatched."""
+        state_t, single = self.value.batch(state)
+        action_t = torch.as_tensor(np.asarray(action), device=state_t.device)
+        return state_t, (action_t.reshape(1, -1) if single else action_t), single
+
+
 class ShapedReward:
     r""":math:`r_\theta(s,a) + \gamma(1-\text{done})\Phi(s') - \Phi(s)` with imitation's
     ``predict(state, action, next_state, done)``, for :class:`~bicql_lightning.LearnedRewardWrapper`.

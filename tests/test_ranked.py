@@ -78,3 +78,4 @@ def test_fitting_on_mismatched_or_empty_pairs_is_refused_in_one_line():
         RankedReward.fit(net, obs[:0], act[:0])
     with pytest.raises(ValueError, match="1 not finite"):
         RankedReward(net, np.array([0.0, 1.0, np.nan]))
+

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from bicql_lightning import BiCQLML, LearnedRewardWrapper, OfflineIRLDataModule, RewardNet, ShapedReward
-from bicql_lightning.shaping import SoftValuePotential
+from bicql_lightning import (BiCQLML, LearnedRewardWrapper, OfflineIRLDataModule, RankedReward, RewardNet,
+                             ShapedReward, load_transitions)
+from bicql_lightning.shaping import SoftAdvantage, SoftValuePotential
 
 TINY = dict(hidden_sizes=[16, 16], reward_hidden_sizes=[16, 16], proposal_hidden_sizes=[16, 16],
             proposal_fit_steps=10, num_action_samples=4,
@@ -83,14 +84,19 @@ def test_box_potential_is_the_sampled_soft_maximum_of_the_twins_minimum(pendulum
     torch.testing.assert_close(potential(obs), by_hand)
 
 
-def test_discrete_potential_is_the_exact_soft_maximum(cartpole_ckpt):
-    module = BiCQLML.load_from_checkpoint(cartpole_ckpt, map_location="cpu")
-    potential = SoftValuePotential(module)
-    obs = torch.tensor(np.random.default_rng(3).normal(size=(6, 4)) * 0.1, dtype=torch.float32)
+def _cartpole_states_and_min_q(ckpt, seed: int):
+    """A CartPole checkpoint's module, six states near the start, its twins' minimum Q there ``(6, 2)``."""
+    module = BiCQLML.load_from_checkpoint(ckpt, map_location="cpu")
+    obs = torch.tensor(np.random.default_rng(seed).normal(size=(6, 4)) * 0.1, dtype=torch.float32)
     with torch.no_grad():
-        q = module.q_net(module.encoder(obs)).float().min(0).values  # (6, 2)
+        q = module.q_net(module.encoder(obs)).float().min(0).values
+    return module, obs, q
+
+
+def test_discrete_potential_is_the_exact_soft_maximum(cartpole_ckpt):
+    module, obs, q = _cartpole_states_and_min_q(cartpole_ckpt, seed=3)
     t = module.hparams.temperature
-    torch.testing.assert_close(potential(obs), t * torch.logsumexp(q / t, dim=1))
+    torch.testing.assert_close(SoftValuePotential(module)(obs), t * torch.logsumexp(q / t, dim=1))
 
 
 def _discounted(rewards, gamma):
@@ -124,3 +130,46 @@ def test_shaping_moves_an_episodes_discounted_return_by_the_potentials_at_its_en
         expected += shaped.gamma ** steps * float(shaped.potential.predict(s_end))
     assert terminated == (env_id == "CartPole-v1")
     assert shaped_return == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
+def test_box_soft_advantage_is_the_twins_minimum_at_the_action_minus_the_fixed_soft_value(pendulum_ckpt):
+    module = BiCQLML.load_from_checkpoint(pendulum_ckpt, map_location="cpu")
+    advantage = SoftAdvantage(module, num_samples=8, seed=3)
+    rng = np.random.default_rng(4)
+    obs = torch.tensor(rng.normal(size=(5, 3)), dtype=torch.float32)
+    actions = torch.tensor(rng.uniform(-2, 2, size=(5, 1)), dtype=torch.float32)
+    with torch.no_grad():
+        q = module.q_net(module.encoder(obs), actions).float().min(0).values  # (5,)
+    value = SoftValuePotential(module, num_samples=8, seed=3)(obs)
+    torch.testing.assert_close(advantage(obs, actions), q - value)
+    same_state = advantage(obs[:1].expand(2, -1), torch.tensor([[-1.5], [1.5]]))
+    assert abs(float(same_state[0] - same_state[1])) > 1e-4  # it scores the action, not only the state
+    # numpy pairs, one or many, score the same, and the same pair twice the same (no fresh noise)
+    s, a, single = advantage.batch(obs[0].numpy(), actions[0].numpy())
+    assert single and s.shape == (1, 3) and a.shape == (1, 1)
+    torch.testing.assert_close(advantage(s, a), (q - value)[:1])
+    torch.testing.assert_close(advantage(*advantage.batch(obs.numpy(), actions.numpy())[:2]), q - value)
+
+
+def test_discrete_soft_advantage_is_temperature_times_the_boltzmann_log_probability(cartpole_ckpt):
+    module, obs, q = _cartpole_states_and_min_q(cartpole_ckpt, seed=5)
+    advantage = SoftAdvantage(module)
+    t = module.hparams.temperature
+    for a in (0, 1):
+        log_pi = torch.log_softmax(q / t, dim=1)[:, a]
+        torch.testing.assert_close(advantage(obs, torch.full((6,), a)), t * log_pi)
+
+
+def test_a_checkpoints_soft_advantage_ranks_among_ds_pairs_and_other_scores_are_refused(pendulum_ckpt, tiny_data,
+                                                                                         monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tiny_data.root))
+    offline = tiny_data.ids("pendulum")[1]
+    data = load_transitions(offline)
+    ranked = RankedReward.from_checkpoint(pendulum_ckpt, offline, score="soft_advantage")
+    scores = SoftAdvantage.from_checkpoint(pendulum_ckpt)(torch.as_tensor(data.observations),
+                                                           torch.as_tensor(data.actions)).numpy()
+    r = ranked.predict(data.observations, data.actions)
+    assert np.array_equal(np.argsort(r, kind="stable"), np.argsort(scores, kind="stable"))
+    assert r.mean() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="use 'reward' or 'soft_advantage'"):
+        RankedReward.from_checkpoint(pendulum_ckpt, offline, score="q")

@@ -37,10 +37,19 @@ import torch
 from .reward import RewardNet
 
 
-def pair_scores(scorer: Any, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """What a ranked reward orders by: a ``RewardNet``'s output before its bound, or a
-    scorer's own output (``SoftAdvantage``)."""
-    return scorer.logit(state, action) if isinstance(scorer, RewardNet) else scorer(state, action)
+# Pairs per forward pass: a soft advantage scores 64 proposal actions for each pair, so a
+# whole dataset in one pass would take tens of GB.
+CHUNK = 2_048
+
+
+@torch.no_grad()
+def pair_scores(scorer: Any, state: torch.Tensor, action: torch.Tensor) -> np.ndarray:
+    """What a ranked reward orders by, ``(B,)`` float64, in chunks: a ``RewardNet``'s output
+    before its bound, or a scorer's own output (``SoftAdvantage``)."""
+    score = scorer.logit if isinstance(scorer, RewardNet) else scorer
+    parts = [score(state[i:i + CHUNK], action[i:i + CHUNK]).double().cpu().numpy()
+             for i in range(0, state.shape[0], CHUNK)]
+    return np.concatenate(parts) if parts else np.empty(0)
 
 
 class RankedReward:
@@ -66,18 +75,15 @@ class RankedReward:
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, reward_net: Any, observations: np.ndarray, actions: np.ndarray,
-            batch_size: int = 2_048) -> RankedReward:
+    def fit(cls, reward_net: Any, observations: np.ndarray, actions: np.ndarray) -> RankedReward:
         """Rank against the pairs ``(observations[i], actions[i])`` of D."""
         observations, actions = np.asarray(observations), np.asarray(actions)
         if len(observations) != len(actions):
             raise ValueError(f"RankedReward.fit: {len(observations)} observations but {len(actions)} actions; "
                              "pass D's pairs, one action per observation.")
         device = next(reward_net.parameters()).device
-        logits = [pair_scores(reward_net, torch.as_tensor(observations[i:i + batch_size], device=device),
-                              torch.as_tensor(actions[i:i + batch_size], device=device)).double().cpu().numpy()
-                  for i in range(0, len(observations), batch_size)]
-        return cls(reward_net, np.concatenate(logits) if logits else np.empty(0))
+        return cls(reward_net, pair_scores(reward_net, torch.as_tensor(observations, device=device),
+                                           torch.as_tensor(actions, device=device)))
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, dataset_id: str | list[str],
@@ -96,6 +102,6 @@ class RankedReward:
     @torch.no_grad()
     def predict(self, state: Any, action: Any, next_state: Any = None, done: Any = None) -> np.ndarray:
         state_t, action_t, single = self.reward_net.batch(state, action)
-        logit = pair_scores(self.reward_net, state_t, action_t).double().cpu().numpy()
+        logit = pair_scores(self.reward_net, state_t, action_t)
         ranks = np.interp(logit, self.reference, self.levels, left=0.0, right=1.0)
         return ranks[0] if single else ranks

@@ -79,3 +79,20 @@ def test_fitting_on_mismatched_or_empty_pairs_is_refused_in_one_line():
     with pytest.raises(ValueError, match="1 not finite"):
         RankedReward(net, np.array([0.0, 1.0, np.nan]))
 
+
+
+def test_a_large_batch_is_scored_in_chunks_and_ranks_as_pairs_one_at_a_time(monkeypatch):
+    import bicql_lightning.ranked as ranked_module
+
+    net = saturated_net("Pendulum-v1")
+    obs, act = pendulum_pairs(1_000, seed=3)
+    ranked = RankedReward.fit(net, obs, act)
+    monkeypatch.setattr(ranked_module, "CHUNK", 64)  # a soft advantage would need GBs for one pass of D
+    seen = []
+    logit = net.logit
+    monkeypatch.setattr(net, "logit", lambda s, a: seen.append(len(s)) or logit(s, a))
+    queries, actions = pendulum_pairs(300, seed=4)
+    batched = ranked.predict(queries, actions)
+    assert max(seen) == 64 and sum(seen) == 300
+    np.testing.assert_allclose(batched[::37], [ranked.predict(q, a) for q, a in zip(queries[::37], actions[::37])],
+                               rtol=1e-6)

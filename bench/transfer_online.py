@@ -26,6 +26,11 @@ Reward sources:
   source's +1 per step (``LearnedRewardWrapper(..., survival_bonus=1.0)``): the level the
   likelihood leaves free, set to what the constant pays, so that against ``constant`` the
   run measures what the learned reward adds to survival;
+* ``bicql_ranked:REGIME:DEMOS:N``: the same checkpoint's reward ranked among the cell's D
+  (``RankedReward``: the share of D's pairs it scores lower, in [0, 1]);
+  ``untrained_ranked:REGIME:DEMOS:N``, its control, the same network with fresh weights;
+* ``bicql_advantage:REGIME:DEMOS:N``: the same checkpoint's soft advantage Q(s,a) - V(s)
+  ranked the same way (``RankedReward`` over ``SoftAdvantage``);
 * ``iqlearn:REGIME:DEMOS:N``: IQ-Learn's recovered reward Q(s,a) - γ(1-done)V(s') of
   that cell's checkpoint; ``iqlearn_bonus:REGIME:DEMOS:N`` the same plus +1 per step.
 

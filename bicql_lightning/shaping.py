@@ -59,7 +59,11 @@ class SoftValuePotential(nn.Module):
     @torch.no_grad()
     def forward(self, obs: Tensor) -> Tensor:
         """``(B, ...)`` raw observations -> ``(B,)`` soft values."""
-        encoded = self.encoder(obs)
+        return self.of_encoded(self.encoder(obs))
+
+    @torch.no_grad()
+    def of_encoded(self, encoded: Tensor) -> Tensor:
+        """``forward`` for observations already through the module's encoder."""
         if self.proposal is None:
             return soft_value(self.q_net(encoded).float().min(0).values, self.temperature)
         rows = encoded.shape[0]
@@ -97,7 +101,6 @@ class SoftAdvantage(nn.Module):
         super().__init__()
         self.value = SoftValuePotential(module, num_samples, seed)
         self.discrete = self.value.proposal is None
-        self.obs_kind = self.value.encoder.obs_kind
         self.requires_grad_(False).eval()
 
     @classmethod
@@ -110,13 +113,14 @@ class SoftAdvantage(nn.Module):
     @torch.no_grad()
     def forward(self, state: Tensor, action: Tensor) -> Tensor:
         """``(B, ...)`` raw observations and ``(B, ...)`` actions -> ``(B,)`` soft advantages."""
+        # One encoder pass (and for Discrete one Q pass) serves Q(s, a) and V(s): this runs at every step.
         encoded = self.value.encoder(state)
         if self.discrete:
-            q = self.value.q_net(encoded).float().min(0).values
-            q = q.gather(1, action.long().reshape(-1, 1)).squeeze(1)
-        else:
-            q = self.value.q_net(encoded, action.reshape(action.shape[0], -1).float()).float().min(0).values
-        return q - self.value(state)
+            table = self.value.q_net(encoded).float().min(0).values  # (B, A)
+            q = table.gather(1, action.long().reshape(-1, 1)).squeeze(1)
+            return q - soft_value(table, self.value.temperature)
+        q = self.value.q_net(encoded, action.reshape(action.shape[0], -1).float()).float().min(0).values
+        return q - self.value.of_encoded(encoded)
 
     def batch(self, state: Any, action: Any) -> tuple[Tensor, Tensor, bool]:
         """Numpy pair(s) as a batch on this module's device, and whether one came unbatched."""

@@ -68,6 +68,8 @@ SAC_SETTINGS = {"learning_starts": 10_000}
 # Learned sources and the bench.run algorithm whose checkpoint each reads.
 LEARNED = {"bicql": "bicql", "bicql_shaped": "bicql", "bicql_bonus": "bicql", "bicql_ranked": "bicql",
            "bicql_advantage": "bicql", "untrained_ranked": "bicql", "iqlearn": "iqlearn", "iqlearn_bonus": "iqlearn"}
+# Sources that pay a rank among the cell's D, and so need D (``ranking_data``).
+RANKED = {"bicql_ranked", "untrained_ranked", "bicql_advantage"}
 # What the ``*_bonus`` sources add per step: the ``constant`` source's reward.
 SURVIVAL_BONUS = 1.0
 
@@ -126,14 +128,13 @@ def make_env(task: Task, source: str, checkpoint: Path | None) -> gym.Env:
     if kind.endswith("_bonus"):
         return LearnedRewardWrapper(env, learned_reward(kind.removesuffix("_bonus"), str(checkpoint)),
                                     survival_bonus=SURVIVAL_BONUS)
-    if kind.endswith("_ranked") or kind == "bicql_advantage":
+    if kind in RANKED:
         return LearnedRewardWrapper(env, learned_reward(kind, str(checkpoint), ranking_data(task, source)))
     return LearnedRewardWrapper(env, learned_reward(kind, str(checkpoint)))
 
 
 def ranking_data(task: Task, source: str) -> str:
-    """The dataset a ``*_ranked`` or ``bicql_advantage`` source ranks against: the cell's D
-    (D_E itself where expert-only)."""
+    """The dataset a ``RANKED`` source ranks against: the cell's D (D_E itself where expert-only)."""
     regime, demos, n = parse_source(source)[1]
     return task.dataset_id(OFFLINE.get(regime, f"expert-n{n}"))
 

@@ -14,7 +14,7 @@ from .policies import BoltzmannPolicy, QPolicy, TiltedPriorPolicy
 from .ranked import RankedReward
 from .reward import CheckpointError, LearnedRewardWrapper, RewardNet
 from .seeds import SeedBatch, fit_seeds
-from .shaping import ShapedReward, SoftAdvantage, SoftValuePotential
+from .shaping import PolicyLogLikelihood, ShapedReward, SoftAdvantage, SoftValuePotential
 from .spaces import SpaceSpec, space_spec
 from . import tabular  # noqa: F401 - registers the tabular MDPs' Gymnasium ids
 
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActionProposal", "AtomicCheckpointIO", "BehaviorCloning", "BiCQLML", "BoltzmannPolicy", "CheckpointError",
     "DatasetError", "EnsembleLinear", "FitPolicy", "GaussianPolicy", "IQL", "IQLearn", "LearnedRewardWrapper",
-    "ObservationEncoder", "OfflineIRLDataModule", "QEnsemble", "QPolicy", "RankedReward", "RewardNet",
+    "ObservationEncoder", "OfflineIRLDataModule", "PolicyLogLikelihood", "QEnsemble", "QPolicy", "RankedReward", "RewardNet",
     "RolloutEvaluation", "SeedBatch", "ShapedReward", "SoftAdvantage", "SoftValuePotential",
     "TiltedPriorPolicy", "SpaceSpec", "TargetNetworkUpdate",
     "TransitionStore",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
@@ -187,6 +188,22 @@ class QPolicy(nn.Module):
             return q_all.argmax(1)
         return torch.distributions.Categorical(logits=q_all / self.temperature).sample()
 
+    @torch.no_grad()
+    def log_prob(self, enc: Tensor, actions: Tensor) -> Tensor:
+        """:math:`\\log\\pi(a|s)` of the rule ``act(obs, deterministic=False)`` draws from, ``(B,)``
+        for encoded observations ``(B, D)`` and actions ``(B, ...)``. Discrete: the softmax of
+        :math:`Q/T`, exactly."""
+        if not self.discrete:
+            raise NotImplementedError(f"{type(self).__name__} has no log_prob for Box actions")
+        logits = self.q_net(enc).min(0).values.float() / self.temperature  # (B, A)
+        return logits.log_softmax(1).gather(1, actions.long().reshape(-1, 1)).squeeze(1)
+
+    def _log_partition(self, enc: Tensor, draws: Tensor, log_draw: Tensor) -> Tensor:
+        """:math:`\\log E_{c\\sim\\text{draw}}[\\exp(Q(s,c)/T)\\,w(c)]` from draws ``(B, K, A)`` with
+        log-weights ``log_draw`` ``(B, K)`` (``-log q`` for a Lebesgue density, 0 for a prior's own draws)."""
+        q = self.q_net(enc, draws).min(0).values.float() / self.temperature
+        return torch.logsumexp(q + log_draw, 1) - math.log(draws.shape[1])
+
     # ------------------------------------------------------------------ fitting (FitPolicy)
     @property
     def needs_fit(self) -> bool:
@@ -253,6 +270,19 @@ class BoltzmannPolicy(QPolicy):
         cands = torch.cat([mode, draws], 1)
         log_draw = torch.cat([proposal.log_prob(enc, mode), log_draw], 1)  # what drew them
         return self._pick(enc, cands, torch.zeros_like(log_draw), log_draw, deterministic)
+
+    @torch.no_grad()
+    def log_prob(self, enc: Tensor, actions: Tensor) -> Tensor:
+        """Box: :math:`Q(s,a)/T - \\log Z(s)`, a density over the box, with
+        :math:`Z = E_q[\\exp(Q/T)/q]` over the proposal's fixed greedy draws."""
+        if self.discrete:
+            return super().log_prob(enc, actions)
+        proposal = self.proposal
+        gen = torch.Generator(device=enc.device).manual_seed(GREEDY_NOISE_SEED)
+        draws, log_q = proposal.sample(enc, self.num_candidates,
+                                       noise=proposal.draw_noise(1, self.num_candidates, gen, enc.device))
+        q = self.q_net(enc, actions.reshape(actions.shape[0], -1).float()).min(0).values.float()
+        return q / self.temperature - self._log_partition(enc, draws, -log_q.float())
 
 
 class TiltedPriorPolicy(QPolicy):
@@ -359,6 +389,24 @@ class TiltedPriorPolicy(QPolicy):
         cands, log_prior = prior.candidates(enc, noise)
         # Drawn from the prior itself (the mode too, as a point of u-space): prior / draw = 1.
         return self._pick(enc, cands, log_prior, log_prior, deterministic)
+
+    @torch.no_grad()
+    def log_prob(self, enc: Tensor, actions: Tensor) -> Tensor:
+        """Box: the acting prior's :math:`\\log p(a|s)` (exact, its censored density on the
+        box's faces), plus :math:`Q(s,a)/T - \\log E_p[\\exp(Q/T)]` over its fixed greedy draws
+        where acting tilts it."""
+        if self.discrete:
+            return super().log_prob(enc, actions)
+        prior = self.acting_prior
+        actions = actions.reshape(actions.shape[0], -1).float()
+        log_p = prior.log_prob(enc, actions)
+        if self.acts_untilted:
+            return log_p
+        noise = self._noise(enc.shape[0], (self.num_candidates, prior.act_dim), True, enc.device)
+        draws = prior.candidates(enc, noise)[0][:, 1:]  # the draws, without the mode
+        q = self.q_net(enc, actions).min(0).values.float()
+        return log_p + q / self.temperature - self._log_partition(enc, draws, torch.zeros(draws.shape[:2],
+                                                                                            device=enc.device))
 
     @property
     def acts_untilted(self) -> bool:

@@ -23,7 +23,9 @@ does: docs/reward_transfer.md.
 
 The same ranks apply to any scorer of pairs: :class:`~bicql_lightning.SoftAdvantage`
 (the module's :math:`Q(s,a) - V(s)`, which scores the action given the state) ranks
-with ``RankedReward.from_checkpoint(path, dataset_id, score="soft_advantage")``.
+with ``RankedReward.from_checkpoint(path, dataset_id, score="soft_advantage")``, and
+:class:`~bicql_lightning.PolicyLogLikelihood` (the controller's :math:`\log\pi(a|s)`) with
+``score="log_likelihood"``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ CHUNK = 2_048
 @torch.no_grad()
 def pair_scores(scorer: Any, state: torch.Tensor, action: torch.Tensor) -> np.ndarray:
     """What a ranked reward orders by, ``(B,)`` float64, in chunks: a ``RewardNet``'s output
-    before its bound, or a scorer's own output (``SoftAdvantage``)."""
+    before its bound, or a scorer's own output (``SoftAdvantage``, ``PolicyLogLikelihood``)."""
     score = scorer.logit if isinstance(scorer, RewardNet) else scorer
     parts = [score(state[i:i + CHUNK], action[i:i + CHUNK]).double().cpu().numpy()
              for i in range(0, state.shape[0], CHUNK)]
@@ -56,7 +58,8 @@ class RankedReward:
     """``r'(s, a)``: the share of D's pairs that a scorer ranks below ``(s, a)``.
 
     The scorer is a ``RewardNet`` (ranked by its output before the bound) or any module
-    with ``forward(state, action) -> (B,)`` and ``batch(state, action)`` (``SoftAdvantage``).
+    with ``forward(state, action) -> (B,)`` and ``batch(state, action)`` (``SoftAdvantage``,
+    ``PolicyLogLikelihood``).
 
     Build it with :meth:`fit` on D's observations and actions (or :meth:`from_checkpoint`
     with a Minari dataset id); ``predict(state, action, next_state=None, done=None)`` has
@@ -88,14 +91,16 @@ class RankedReward:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, dataset_id: str | list[str],
                         score: str = "reward") -> RankedReward:
-        """A ``BiCQLML`` checkpoint's reward (``score="reward"``) or soft advantage
-        (``score="soft_advantage"``), ranked against the pairs of Minari dataset(s) D."""
+        """A ``BiCQLML`` checkpoint's reward (``score="reward"``), soft advantage
+        (``score="soft_advantage"``) or controller's log-likelihood (``score="log_likelihood"``),
+        ranked against the pairs of Minari dataset(s) D."""
         from .datasets import load_transitions
-        from .shaping import SoftAdvantage
+        from .shaping import PolicyLogLikelihood, SoftAdvantage
 
-        if score not in ("reward", "soft_advantage"):
-            raise ValueError(f"RankedReward.from_checkpoint: score={score!r}; use 'reward' or 'soft_advantage'.")
-        scorer = RewardNet.from_checkpoint(path) if score == "reward" else SoftAdvantage.from_checkpoint(path)
+        scorers = {"reward": RewardNet, "soft_advantage": SoftAdvantage, "log_likelihood": PolicyLogLikelihood}
+        if score not in scorers:
+            raise ValueError(f"RankedReward.from_checkpoint: score={score!r}; use one of {', '.join(map(repr, scorers))}.")
+        scorer = scorers[score].from_checkpoint(path)
         data = load_transitions(dataset_id)
         return cls.fit(scorer, data.observations, data.actions)
 

@@ -129,6 +129,49 @@ class SoftAdvantage(nn.Module):
         return state_t, (action_t.reshape(1, -1) if single else action_t), single
 
 
+class PolicyLogLikelihood(nn.Module):
+    r""":math:`\log\pi(a|s)`, the log-likelihood of a pair under a trained module's controller.
+
+    In entropy-regularised RL the optimal policy's log-likelihood is the soft advantage,
+    :math:`T\log\pi^*(a|s) = Q^*(s,a) - V^*(s)`, a reward that differs from the one it
+    is optimal for by the shaping potential :math:`V`. :class:`SoftAdvantage` reads it off
+    Q with the proposal as the reference measure; this reads it off the policy that acts:
+    the default controller's (:class:`~bicql_lightning.TiltedPriorPolicy`) prior, refitted to
+    D weighted by the soft advantage, and tilted by :math:`\exp(Q/T)` where it acts tilted
+    (:meth:`~bicql_lightning.policies.QPolicy.log_prob`). It pays "act as the controller
+    would here" and, unlike :math:`A`, it does not pay actions the controller would never
+    draw. ``batch`` and ``forward(state, action)`` make it a scorer for
+    :class:`~bicql_lightning.RankedReward`.
+    """
+
+    def __init__(self, module: Any):
+        super().__init__()
+        if getattr(module, "policy", None) is None or getattr(module, "encoder", None) is None:
+            raise ValueError("PolicyLogLikelihood needs a trained BiCQLML module (its encoder and policy).")
+        self.encoder = module.encoder
+        self.policy = module.policy
+        self.discrete = module.policy.discrete
+        self.requires_grad_(False).eval()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> PolicyLogLikelihood:
+        """The controller's log-likelihood of a checkpoint written by ``BiCQLML``, on the CPU."""
+        from .module import BiCQLML
+
+        return cls(BiCQLML.load_from_checkpoint(path, map_location="cpu"))
+
+    @torch.no_grad()
+    def forward(self, state: Tensor, action: Tensor) -> Tensor:
+        """``(B, ...)`` raw observations and ``(B, ...)`` actions -> ``(B,)`` log-likelihoods."""
+        return self.policy.log_prob(self.encoder(state), action)
+
+    def batch(self, state: Any, action: Any) -> tuple[Tensor, Tensor, bool]:
+        """Numpy pair(s) as a batch on this module's device, and whether one came unbatched."""
+        state_t, single = batch_observations(state, self.encoder.obs_kind, self.encoder.mean.device)
+        action_t = torch.as_tensor(np.asarray(action), device=state_t.device)
+        return state_t, (action_t.reshape(1, -1) if single else action_t), single
+
+
 class ShapedReward:
     r""":math:`r_\theta(s,a) + \gamma(1-\text{done})\Phi(s') - \Phi(s)` with imitation's
     ``predict(state, action, next_state, done)``, for :class:`~bicql_lightning.LearnedRewardWrapper`.

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from bicql_lightning import (BiCQLML, LearnedRewardWrapper, OfflineIRLDataModule, RankedReward, RewardNet,
-                             ShapedReward, load_transitions)
+from bicql_lightning import (BiCQLML, BoltzmannPolicy, LearnedRewardWrapper, OfflineIRLDataModule,
+                             PolicyLogLikelihood, RankedReward, RewardNet, ShapedReward, load_transitions)
+from bicql_lightning.policies import GREEDY_NOISE_SEED
 from bicql_lightning.shaping import SoftAdvantage, SoftValuePotential
 
 TINY = dict(hidden_sizes=[16, 16], reward_hidden_sizes=[16, 16], proposal_hidden_sizes=[16, 16],
@@ -171,5 +172,71 @@ def test_a_checkpoints_soft_advantage_ranks_among_ds_pairs_and_other_scores_are_
     r = ranked.predict(data.observations, data.actions)
     assert np.array_equal(np.argsort(r, kind="stable"), np.argsort(scores, kind="stable"))
     assert r.mean() == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="use 'reward' or 'soft_advantage'"):
+    with pytest.raises(ValueError, match="use one of 'reward', 'soft_advantage', 'log_likelihood'"):
         RankedReward.from_checkpoint(pendulum_ckpt, offline, score="q")
+
+
+def test_discrete_controller_log_likelihood_is_its_boltzmann_log_probability(cartpole_ckpt):
+    module, obs, q = _cartpole_states_and_min_q(cartpole_ckpt, seed=6)
+    likelihood = PolicyLogLikelihood(module)
+    t = module.policy.temperature
+    per_action = torch.stack([likelihood(obs, torch.full((6,), a)) for a in (0, 1)], 1)
+    torch.testing.assert_close(per_action, torch.log_softmax(q / t, dim=1))
+    torch.testing.assert_close(per_action.exp().sum(1), torch.ones(6))
+
+
+def _pendulum_pairs(seed: int):
+    rng = np.random.default_rng(seed)
+    obs = torch.tensor(rng.normal(size=(7, 3)), dtype=torch.float32)
+    return obs, torch.tensor(rng.uniform(-1.9, 1.9, size=(7, 1)), dtype=torch.float32)
+
+
+def test_box_controller_log_likelihood_is_the_acting_prior_tilted_by_q_as_the_controller_acts(pendulum_ckpt):
+    module = BiCQLML.load_from_checkpoint(pendulum_ckpt, map_location="cpu")
+    policy, likelihood = module.policy, PolicyLogLikelihood(module)
+    obs, actions = _pendulum_pairs(7)
+    with torch.no_grad():
+        enc = module.encoder(obs)
+        log_p = policy.prior.log_prob(enc, actions)
+        noise = torch.randn((1, policy.num_candidates, 1), generator=torch.Generator().manual_seed(GREEDY_NOISE_SEED))
+        draws = policy.prior.candidates(enc, noise)[0][:, 1:]  # (7, K, 1)
+        q_draws = module.q_net(enc, draws).float().min(0).values / policy.temperature
+        q = module.q_net(enc, actions).float().min(0).values / policy.temperature
+    assert not policy.acts_untilted  # whole demonstrations: D_E's prior, tilted by exp(Q/T)
+    log_z = torch.logsumexp(q_draws, 1) - np.log(policy.num_candidates)
+    torch.testing.assert_close(likelihood(obs, actions), log_p + q - log_z)
+    # After an advantage-weighted refit the controller plays the refitted prior untilted: its density alone.
+    policy.relabeled.fill_(True)
+    assert policy.acts_untilted
+    with torch.no_grad():
+        torch.testing.assert_close(likelihood(obs, actions), policy.relabeled_prior.log_prob(enc, actions))
+        # the controller's own greedy action is likelier than an action far from it, state by state
+        greedy = policy.actions(enc, deterministic=True)
+        far = torch.where(greedy > 0, -1.9, 1.9)
+    assert (likelihood(obs, greedy) > likelihood(obs, far)).all()
+
+
+def test_box_boltzmann_log_likelihood_is_a_density_over_the_action_box(pendulum_ckpt):
+    module = BiCQLML.load_from_checkpoint(pendulum_ckpt, map_location="cpu")
+    policy = BoltzmannPolicy(temperature=0.5, num_candidates=4096)
+    policy.build(module.policy.spaces, module.q_net, module.encoder, module.proposal, module.hparams.temperature)
+    obs, _ = _pendulum_pairs(8)
+    grid = torch.linspace(-2.0, 2.0, 2001)  # Pendulum's torque box
+    with torch.no_grad():
+        enc = module.encoder(obs[:3])
+        density = torch.stack([policy.log_prob(enc, a.expand(3, 1)).exp() for a in grid], 1)  # (3, 2001)
+    mass = torch.trapezoid(density, grid, dim=1)
+    torch.testing.assert_close(mass, torch.ones(3), atol=0.05, rtol=0)
+
+
+def test_a_checkpoints_controller_log_likelihood_ranks_among_ds_pairs(pendulum_ckpt, tiny_data, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tiny_data.root))
+    offline = tiny_data.ids("pendulum")[1]
+    data = load_transitions(offline)
+    ranked = RankedReward.from_checkpoint(pendulum_ckpt, offline, score="log_likelihood")
+    scores = PolicyLogLikelihood.from_checkpoint(pendulum_ckpt)(torch.as_tensor(data.observations),
+                                                                torch.as_tensor(data.actions)).numpy()
+    r = ranked.predict(data.observations, data.actions)
+    assert np.array_equal(np.argsort(r, kind="stable"), np.argsort(scores, kind="stable"))
+    assert r.mean() == pytest.approx(0.5)
+    assert float(ranked.predict(data.observations[3], data.actions[3])) == pytest.approx(r[3])

@@ -19,7 +19,7 @@ import torch
 from bench import transfer_online
 from bench.datasets import Task
 from bicql_lightning import (BiCQLML, IQLearn, LearnedRewardWrapper, OfflineIRLDataModule, RankedReward, RewardNet,
-                             ShapedReward, SoftAdvantage, load_transitions)
+                             PolicyLogLikelihood, ShapedReward, SoftAdvantage, load_transitions)
 from bicql_lightning.spaces import space_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +139,8 @@ def test_constant_source_pays_one_per_step_and_keeps_the_true_reward():
                                            ("bicql_ranked", ("with-medium", "sub20", 1))),
                                           ("bicql_advantage:with-mixed:sub20:1",
                                            ("bicql_advantage", ("with-mixed", "sub20", 1))),
+                                          ("bicql_likelihood:with-mixed:sub20:1",
+                                           ("bicql_likelihood", ("with-mixed", "sub20", 1))),
                                           ("iqlearn_bonus:with-mixed:sub20:1",
                                            ("iqlearn_bonus", ("with-mixed", "sub20", 1))),
                                           ("iqlearn:expert-only:full:10", ("iqlearn", ("expert-only", "full", 10)))])
@@ -231,21 +233,23 @@ def test_the_ranked_source_pays_the_checkpoints_reward_ranked_among_the_cells_of
         obs = next_obs
 
 
-def test_the_advantage_source_pays_the_checkpoints_soft_advantage_ranked_among_the_cells_offline_pairs(
-        pendulum_checkpoint, tiny, monkeypatch, tmp_path):
+@pytest.mark.parametrize("kind, scorer", [("bicql_advantage", SoftAdvantage),
+                                           ("bicql_likelihood", PolicyLogLikelihood)])
+def test_the_advantage_and_likelihood_sources_pay_the_checkpoints_score_ranked_among_the_cells_offline_pairs(
+        pendulum_checkpoint, tiny, monkeypatch, tmp_path, kind, scorer):
     task = Task(name="hopper", env_id="Hopper-v5", env_kwargs={}, expert_file=tmp_path / "unused.npz")
-    assert transfer_online.ranking_data(task, "bicql_advantage:with-mixed:sub20:1") == "bench/hopper/mixed-v0"
+    assert transfer_online.ranking_data(task, f"{kind}:with-mixed:sub20:1") == "bench/hopper/mixed-v0"
     offline = tiny.ids("pendulum")[1]
     monkeypatch.setattr(transfer_online, "ranking_data", lambda task, source: offline)
-    env, target = bicql_source_env(pendulum_checkpoint, tmp_path, "bicql_advantage:with-mixed:sub20:1", seed=0)
-    advantage = SoftAdvantage.from_checkpoint(target)
+    env, target = bicql_source_env(pendulum_checkpoint, tmp_path, f"{kind}:with-mixed:sub20:1", seed=0)
+    score_of = scorer.from_checkpoint(target)
     data = load_transitions(offline)
-    reference = np.sort(advantage(torch.as_tensor(data.observations), torch.as_tensor(data.actions)).numpy())
+    reference = np.sort(score_of(torch.as_tensor(data.observations), torch.as_tensor(data.actions)).numpy())
     obs, _ = env.reset(seed=0)
     for a in (-1.5, 0.7):
         action = np.array([a], np.float32)
         next_obs, r, _, _, info = env.step(action)
-        score = float(advantage(*advantage.batch(obs, action)[:2]))
+        score = float(score_of(*score_of.batch(obs, action)[:2]))
         by_hand = np.interp(score, reference, (np.arange(reference.size) + 0.5) / reference.size, left=0, right=1)
         assert 0.0 <= r <= 1.0 and r == pytest.approx(by_hand, abs=1e-6)
         assert info["true_reward"] < 0

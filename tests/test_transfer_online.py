@@ -353,3 +353,22 @@ def test_runs_of_a_variant_are_kept_and_reported_apart_from_the_benchmark_defaul
     text = transfer_online.report([row(None, [0.0, 0.0]) | {"source": "true"}, default, data], tmp_path)
     assert "| hopper | bicql:with-mixed:sub20:1 | 1 | 20 | 6.0 |" in text
     assert "| hopper | bicql:with-mixed:sub20:1 (reward_level=data) | 1 | 20 | 30.0 |" in text
+
+
+def test_ranked_pay_reports_the_mean_rank_per_step_on_logged_pairs_and_on_rollouts(pendulum_checkpoint, tiny,
+                                                                                    tmp_path):
+    from bench.ranked_pay import pay
+
+    class TinyPendulum(Task):
+        def dataset_id(self, kind: str) -> str:
+            return {"expert-n1": tiny.pendulum_expert, "mixed": tiny.pendulum_mixed}[kind]
+
+    task = TinyPendulum(name="pendulum", env_id="Pendulum-v1", env_kwargs={}, expert_file=tmp_path / "unused.npz")
+    out = pay(str(pendulum_checkpoint), task, "log_likelihood", "mixed", episodes=1)
+    assert list(out) == ["expert-n1", "mixed", "expert states, zero action", "expert states, random action",
+                         "zero rollouts", "random rollouts", "controller rollouts"]  # no medium policy, no medium row
+    assert out["mixed"]["mean"] == pytest.approx(0.5)  # D's own pairs average the middle rank
+    assert all(0.0 <= row["mean"] <= 1.0 for row in out.values())
+    for name in ("zero rollouts", "random rollouts", "controller rollouts"):
+        assert out[name]["pairs"] == 200 and -3300 < out[name]["true_return"] <= 0  # Pendulum: 200 steps
+    assert out["expert states, zero action"]["pairs"] == out["expert-n1"]["pairs"]

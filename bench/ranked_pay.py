@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--manifest", required=True)
     p.add_argument("--data", required=True, help="MINARI_DATASETS_PATH that bench.datasets wrote")
     p.add_argument("--task", required=True)
-    p.add_argument("--score", default="reward", choices=["reward", "soft_advantage", "log_likelihood"])
+    p.add_argument("--score", default="reward", choices=["reward", "soft_advantage", "log_likelihood",
+                                                                "relative_log_likelihood"])
     p.add_argument("--rank-among", default="mixed", help="the dataset kind D whose pairs set the ranks")
     p.add_argument("--episodes", type=int, default=3)
     p.add_argument("--results", help="append one JSON line here")

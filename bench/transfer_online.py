@@ -33,6 +33,8 @@ Reward sources:
   ranked the same way (``RankedReward`` over ``SoftAdvantage``);
 * ``bicql_likelihood:REGIME:DEMOS:N``: the log-likelihood of the pair under the same
   checkpoint's controller, ranked the same way (``RankedReward`` over ``PolicyLogLikelihood``);
+  ``bicql_relative_likelihood:REGIME:DEMOS:N`` the same less that of the controller's
+  greedy action at the state (``PolicyLogLikelihood(relative=True)``);
 * ``iqlearn:REGIME:DEMOS:N``: IQ-Learn's recovered reward Q(s,a) - γ(1-done)V(s') of
   that cell's checkpoint; ``iqlearn_bonus:REGIME:DEMOS:N`` the same plus +1 per step.
 
@@ -69,10 +71,11 @@ DEFAULT_SOURCES = ("true", "constant", "bicql:with-mixed:sub20:1", "bicql:expert
 SAC_SETTINGS = {"learning_starts": 10_000}
 # Learned sources and the bench.run algorithm whose checkpoint each reads.
 LEARNED = {"bicql": "bicql", "bicql_shaped": "bicql", "bicql_bonus": "bicql", "bicql_ranked": "bicql",
-           "bicql_advantage": "bicql", "bicql_likelihood": "bicql", "untrained_ranked": "bicql",
+           "bicql_advantage": "bicql", "bicql_likelihood": "bicql",
+           "bicql_relative_likelihood": "bicql", "untrained_ranked": "bicql",
            "iqlearn": "iqlearn", "iqlearn_bonus": "iqlearn"}
 # Sources that pay a rank among the cell's D, and so need D (``ranking_data``).
-RANKED = {"bicql_ranked", "untrained_ranked", "bicql_advantage", "bicql_likelihood"}
+RANKED = {"bicql_ranked", "untrained_ranked", "bicql_advantage", "bicql_likelihood", "bicql_relative_likelihood"}
 # What the ``*_bonus`` sources add per step: the ``constant`` source's reward.
 SURVIVAL_BONUS = 1.0
 
@@ -106,7 +109,7 @@ def parse_source(text: str) -> tuple[str, tuple[str, str, int] | None]:
         raise argparse.ArgumentTypeError(f"reward source {text!r}: use true, constant, bicql:REGIME:DEMOS:N, "
                                          "bicql_shaped:REGIME:DEMOS:N, bicql_ranked:REGIME:DEMOS:N "
                                          "(untrained_ranked: its control), bicql_advantage:REGIME:DEMOS:N, "
-                                         "bicql_likelihood:REGIME:DEMOS:N, "
+                                         "bicql_likelihood:REGIME:DEMOS:N, bicql_relative_likelihood:REGIME:DEMOS:N, "
                                          "iqlearn:REGIME:DEMOS:N, or "
                                          "bicql_bonus/iqlearn_bonus:REGIME:DEMOS:N "
                                          "(e.g. bicql:with-mixed:sub20:1)")
@@ -157,6 +160,8 @@ def learned_reward(kind: str, checkpoint: str, data: str | None = None
         return RankedReward.from_checkpoint(checkpoint, data, score="soft_advantage")
     if kind == "bicql_likelihood":
         return RankedReward.from_checkpoint(checkpoint, data, score="log_likelihood")
+    if kind == "bicql_relative_likelihood":
+        return RankedReward.from_checkpoint(checkpoint, data, score="relative_log_likelihood")
     if kind == "untrained_ranked":
         return RankedReward.fit(untrained(RewardNet.from_checkpoint(checkpoint)), *pairs(data))
     return IQLearnReward(IQLearn.load_from_checkpoint(checkpoint, map_location="cpu"))

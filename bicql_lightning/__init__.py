@@ -23,7 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ActionProposal", "AtomicCheckpointIO", "BehaviorCloning", "BiCQLML", "BoltzmannPolicy", "CheckpointError",
     "DatasetError", "EnsembleLinear", "FitPolicy", "GaussianPolicy", "IQL", "IQLearn", "LearnedRewardWrapper",
-    "ObservationEncoder", "OfflineIRLDataModule", "PolicyLogLikelihood", "QEnsemble", "QPolicy", "RankedReward", "RewardNet",
+    "ObservationEncoder", "OfflineIRLDataModule", "PolicyLogLikelihood", "QEnsemble", "QPolicy", "RankedReward",
+    "RewardNet",
     "RolloutEvaluation", "SeedBatch", "ShapedReward", "SoftAdvantage", "SoftValuePotential",
     "TiltedPriorPolicy", "SpaceSpec", "TargetNetworkUpdate",
     "TransitionStore",

@@ -92,15 +92,19 @@ class RankedReward:
     def from_checkpoint(cls, path: str | os.PathLike, dataset_id: str | list[str],
                         score: str = "reward") -> RankedReward:
         """A ``BiCQLML`` checkpoint's reward (``score="reward"``), soft advantage
-        (``score="soft_advantage"``) or controller's log-likelihood (``score="log_likelihood"``),
-        ranked against the pairs of Minari dataset(s) D."""
+        (``score="soft_advantage"``) or controller's log-likelihood (``score="log_likelihood"``;
+        ``"relative_log_likelihood"``, less that of the controller's greedy action), ranked
+        against the pairs of Minari dataset(s) D."""
         from .datasets import load_transitions
         from .shaping import PolicyLogLikelihood, SoftAdvantage
 
-        scorers = {"reward": RewardNet, "soft_advantage": SoftAdvantage, "log_likelihood": PolicyLogLikelihood}
+        scorers = {"reward": RewardNet.from_checkpoint, "soft_advantage": SoftAdvantage.from_checkpoint,
+                   "log_likelihood": PolicyLogLikelihood.from_checkpoint,
+                   "relative_log_likelihood": lambda p: PolicyLogLikelihood.from_checkpoint(p, relative=True)}
         if score not in scorers:
-            raise ValueError(f"RankedReward.from_checkpoint: score={score!r}; use one of {', '.join(map(repr, scorers))}.")
-        scorer = scorers[score].from_checkpoint(path)
+            raise ValueError(f"RankedReward.from_checkpoint: score={score!r}; use one of "
+                             f"{', '.join(map(repr, scorers))}.")
+        scorer = scorers[score](path)
         data = load_transitions(dataset_id)
         return cls.fit(scorer, data.observations, data.actions)
 

@@ -142,28 +142,38 @@ class PolicyLogLikelihood(nn.Module):
     would here" and, unlike :math:`A`, it does not pay actions the controller would never
     draw. ``batch`` and ``forward(state, action)`` make it a scorer for
     :class:`~bicql_lightning.RankedReward`.
+
+    ``relative=True`` scores :math:`\log\pi(a|s) - \log\pi(a^*(s)|s)`, :math:`a^*` the
+    controller's greedy action: the same order of actions at each state, with the state's
+    own level (how confident the controller is there) removed, so that no state pays more
+    than another for the action the controller would play.
     """
 
-    def __init__(self, module: Any):
+    def __init__(self, module: Any, relative: bool = False):
         super().__init__()
         if getattr(module, "policy", None) is None or getattr(module, "encoder", None) is None:
             raise ValueError("PolicyLogLikelihood needs a trained BiCQLML module (its encoder and policy).")
         self.encoder = module.encoder
         self.policy = module.policy
         self.discrete = module.policy.discrete
+        self.relative = bool(relative)
         self.requires_grad_(False).eval()
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike) -> PolicyLogLikelihood:
+    def from_checkpoint(cls, path: str | os.PathLike, relative: bool = False) -> PolicyLogLikelihood:
         """The controller's log-likelihood of a checkpoint written by ``BiCQLML``, on the CPU."""
         from .module import BiCQLML
 
-        return cls(BiCQLML.load_from_checkpoint(path, map_location="cpu"))
+        return cls(BiCQLML.load_from_checkpoint(path, map_location="cpu"), relative)
 
     @torch.no_grad()
     def forward(self, state: Tensor, action: Tensor) -> Tensor:
         """``(B, ...)`` raw observations and ``(B, ...)`` actions -> ``(B,)`` log-likelihoods."""
-        return self.policy.log_prob(self.encoder(state), action)
+        encoded = self.encoder(state)
+        log_pi = self.policy.log_prob(encoded, action)
+        if not self.relative:
+            return log_pi
+        return log_pi - self.policy.log_prob(encoded, self.policy.actions(encoded, deterministic=True))
 
     def batch(self, state: Any, action: Any) -> tuple[Tensor, Tensor, bool]:
         """Numpy pair(s) as a batch on this module's device, and whether one came unbatched."""

@@ -172,7 +172,7 @@ def test_a_checkpoints_soft_advantage_ranks_among_ds_pairs_and_other_scores_are_
     r = ranked.predict(data.observations, data.actions)
     assert np.array_equal(np.argsort(r, kind="stable"), np.argsort(scores, kind="stable"))
     assert r.mean() == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="use one of 'reward', 'soft_advantage', 'log_likelihood'"):
+    with pytest.raises(ValueError, match="use one of 'reward', 'soft_advantage', 'log_likelihood', 'relative"):
         RankedReward.from_checkpoint(pendulum_ckpt, offline, score="q")
 
 
@@ -240,3 +240,15 @@ def test_a_checkpoints_controller_log_likelihood_ranks_among_ds_pairs(pendulum_c
     assert np.array_equal(np.argsort(r, kind="stable"), np.argsort(scores, kind="stable"))
     assert r.mean() == pytest.approx(0.5)
     assert float(ranked.predict(data.observations[3], data.actions[3])) == pytest.approx(r[3])
+
+
+def test_relative_log_likelihood_is_zero_at_the_controllers_greedy_action_and_keeps_each_states_order(pendulum_ckpt):
+    module = BiCQLML.load_from_checkpoint(pendulum_ckpt, map_location="cpu")
+    plain, relative = PolicyLogLikelihood(module), PolicyLogLikelihood(module, relative=True)
+    obs, actions = _pendulum_pairs(9)
+    with torch.no_grad():
+        greedy = module.policy.actions(module.encoder(obs), deterministic=True)
+    torch.testing.assert_close(relative(obs, greedy), torch.zeros(7))
+    torch.testing.assert_close(relative(obs, actions), plain(obs, actions) - plain(obs, greedy))
+    other = -actions
+    assert torch.equal(relative(obs, actions) > relative(obs, other), plain(obs, actions) > plain(obs, other))

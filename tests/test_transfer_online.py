@@ -141,6 +141,8 @@ def test_constant_source_pays_one_per_step_and_keeps_the_true_reward():
                                            ("bicql_advantage", ("with-mixed", "sub20", 1))),
                                           ("bicql_likelihood:with-mixed:sub20:1",
                                            ("bicql_likelihood", ("with-mixed", "sub20", 1))),
+                                          ("bicql_relative_likelihood:with-mixed:sub20:1",
+                                           ("bicql_relative_likelihood", ("with-mixed", "sub20", 1))),
                                           ("iqlearn_bonus:with-mixed:sub20:1",
                                            ("iqlearn_bonus", ("with-mixed", "sub20", 1))),
                                           ("iqlearn:expert-only:full:10", ("iqlearn", ("expert-only", "full", 10)))])
@@ -233,8 +235,10 @@ def test_the_ranked_source_pays_the_checkpoints_reward_ranked_among_the_cells_of
         obs = next_obs
 
 
-@pytest.mark.parametrize("kind, scorer", [("bicql_advantage", SoftAdvantage),
-                                           ("bicql_likelihood", PolicyLogLikelihood)])
+@pytest.mark.parametrize("kind, scorer", [("bicql_advantage", SoftAdvantage.from_checkpoint),
+                                           ("bicql_likelihood", PolicyLogLikelihood.from_checkpoint),
+                                           ("bicql_relative_likelihood",
+                                            lambda path: PolicyLogLikelihood.from_checkpoint(path, relative=True))])
 def test_the_advantage_and_likelihood_sources_pay_the_checkpoints_score_ranked_among_the_cells_offline_pairs(
         pendulum_checkpoint, tiny, monkeypatch, tmp_path, kind, scorer):
     task = Task(name="hopper", env_id="Hopper-v5", env_kwargs={}, expert_file=tmp_path / "unused.npz")
@@ -242,7 +246,7 @@ def test_the_advantage_and_likelihood_sources_pay_the_checkpoints_score_ranked_a
     offline = tiny.ids("pendulum")[1]
     monkeypatch.setattr(transfer_online, "ranking_data", lambda task, source: offline)
     env, target = bicql_source_env(pendulum_checkpoint, tmp_path, f"{kind}:with-mixed:sub20:1", seed=0)
-    score_of = scorer.from_checkpoint(target)
+    score_of = scorer(target)
     data = load_transitions(offline)
     reference = np.sort(score_of(torch.as_tensor(data.observations), torch.as_tensor(data.actions)).numpy())
     obs, _ = env.reset(seed=0)

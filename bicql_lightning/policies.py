@@ -198,11 +198,14 @@ class QPolicy(nn.Module):
         logits = self.q_net(enc).min(0).values.float() / self.temperature  # (B, A)
         return logits.log_softmax(1).gather(1, actions.long().reshape(-1, 1)).squeeze(1)
 
-    def _log_partition(self, enc: Tensor, draws: Tensor, log_draw: Tensor) -> Tensor:
-        """:math:`\\log E_{c\\sim\\text{draw}}[\\exp(Q(s,c)/T)\\,w(c)]` from draws ``(B, K, A)`` with
-        log-weights ``log_draw`` ``(B, K)`` (``-log q`` for a Lebesgue density, 0 for a prior's own draws)."""
+    def _log_partition(self, enc: Tensor, draws: Tensor, log_weight: Tensor | None = None) -> Tensor:
+        """:math:`\\log\\frac1K\\sum_k \\exp(Q(s,c_k)/T)\\,w(c_k)`, the normaliser of the acting density
+        estimated from draws ``(B, K, A)``: ``log_weight`` ``(B, K)`` is :math:`-\\log q` for draws from a
+        proposal :math:`q` (a density over the box), none for a prior's own draws (a tilt of the prior)."""
         q = self.q_net(enc, draws).min(0).values.float() / self.temperature
-        return torch.logsumexp(q + log_draw, 1) - math.log(draws.shape[1])
+        if log_weight is not None:
+            q = q + log_weight
+        return torch.logsumexp(q, 1) - math.log(draws.shape[1])
 
     # ------------------------------------------------------------------ fitting (FitPolicy)
     @property
@@ -405,8 +408,7 @@ class TiltedPriorPolicy(QPolicy):
         noise = self._noise(enc.shape[0], (self.num_candidates, prior.act_dim), True, enc.device)
         draws = prior.candidates(enc, noise)[0][:, 1:]  # the draws, without the mode
         q = self.q_net(enc, actions).min(0).values.float()
-        return log_p + q / self.temperature - self._log_partition(enc, draws, torch.zeros(draws.shape[:2],
-                                                                                            device=enc.device))
+        return log_p + q / self.temperature - self._log_partition(enc, draws)
 
     @property
     def acts_untilted(self) -> bool:

@@ -32,6 +32,14 @@ from .policies import batch_observations
 from .reward import RewardNet
 
 
+def pair_batch(encoder: Any, state: Any, action: Any) -> tuple[Tensor, Tensor, bool]:
+    """Numpy pair(s) as a batch on ``encoder``'s device, and whether one came unbatched: what a
+    scorer of pairs hands to its ``forward`` (``RankedReward.predict`` calls it one pair at a time)."""
+    state_t, single = batch_observations(state, encoder.obs_kind, encoder.mean.device)
+    action_t = torch.as_tensor(np.asarray(action), device=state_t.device)
+    return state_t, (action_t.reshape(1, -1) if single else action_t), single
+
+
 class SoftValuePotential(nn.Module):
     r""":math:`\Phi(s) = V(s)`, the soft value of a trained BiCQL-ML module's Q twins' minimum.
 
@@ -124,9 +132,7 @@ class SoftAdvantage(nn.Module):
 
     def batch(self, state: Any, action: Any) -> tuple[Tensor, Tensor, bool]:
         """Numpy pair(s) as a batch on this module's device, and whether one came unbatched."""
-        state_t, single = self.value.batch(state)
-        action_t = torch.as_tensor(np.asarray(action), device=state_t.device)
-        return state_t, (action_t.reshape(1, -1) if single else action_t), single
+        return pair_batch(self.value.encoder, state, action)
 
 
 class PolicyLogLikelihood(nn.Module):
@@ -177,9 +183,7 @@ class PolicyLogLikelihood(nn.Module):
 
     def batch(self, state: Any, action: Any) -> tuple[Tensor, Tensor, bool]:
         """Numpy pair(s) as a batch on this module's device, and whether one came unbatched."""
-        state_t, single = batch_observations(state, self.encoder.obs_kind, self.encoder.mean.device)
-        action_t = torch.as_tensor(np.asarray(action), device=state_t.device)
-        return state_t, (action_t.reshape(1, -1) if single else action_t), single
+        return pair_batch(self.encoder, state, action)
 
 
 class ShapedReward:

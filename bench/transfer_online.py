@@ -262,7 +262,8 @@ def _sb3_version() -> dict[str, str]:
 
 
 def report(rows: list[dict], out: Path) -> str:
-    """``out/curves_<task>.png`` (one line per source, mean over seeds at each evaluation) and
+    """``out/curves_<task>.png`` (one line per source, mean over seeds at each evaluation; the
+    protocol's sources in one panel, the others beside the true and constant rewards) and
     ``out/table.md``: final score and area under the curve relative to the true reward's, both
     compared at the last evaluation every run of the task reached (runs stopped early count
     up to where they stopped)."""
@@ -280,23 +281,35 @@ def report(rows: list[dict], out: Path) -> str:
         curves: dict[str, list[dict[int, float]]] = {}
         for r in task_rows:
             curves.setdefault(label(r), []).append({p["steps"]: p["normalized_score"] for p in r["curve"]})
-        fig, ax = plt.subplots(figsize=(6, 4))
-        area = {}
+        area, means = {}, {}
         for source, runs in curves.items():
             steps = sorted(set.intersection(*(set(c) for c in runs)))
-            mean = [float(np.mean([c[s] for c in runs])) for s in steps]
-            ax.plot(steps, mean, marker="o", label=f"{source} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
-            area[source] = float(np.mean([m for s, m in zip(steps, mean) if s <= common]))
+            means[source] = (steps, [float(np.mean([c[s] for c in runs])) for s in steps])
+            area[source] = float(np.mean([m for s, m in zip(*means[source]) if s <= common]))
         for source, runs in curves.items():
             final = float(np.mean([c[common] for c in runs]))
             ratio = area[source] / area["true"] if area.get("true") else None
             lines.append(f"| {task} | {source} | {len(runs)} | {common} | {final:.1f} | "
                          f"{'–' if ratio is None else f'{ratio:.2f}'} |")
-        ax.set_xlabel("environment steps")
-        ax.set_ylabel("normalised score (true reward)")
-        ax.set_title(f"{task}: SAC from scratch on each reward source")
-        ax.axhline(0, color="gray", lw=0.6)
-        ax.legend(fontsize=8)
+        # The protocol's sources on the left; options and variants on the right, beside the
+        # true and constant rewards, so that neither panel needs more colours than it has.
+        options = [s for s in curves if s not in DEFAULT_SOURCES]
+        panels = [("the protocol's sources", [s for s in curves if s in DEFAULT_SOURCES])]
+        if options:
+            panels.append(("options and variants", [s for s in ("true", "constant") if s in curves] + options))
+        colour = {s: plt.cm.tab20(i % 20) for i, s in enumerate(curves)}
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6), squeeze=False, sharey=True)
+        for ax, (title, sources) in zip(axes[0], panels):
+            for source in sources:
+                n = len(curves[source])
+                ax.plot(*means[source], marker="o", ms=3, color=colour[source],
+                        label=f"{source} ({n} seed{'s' if n > 1 else ''})")
+            ax.set_xlabel("environment steps")
+            ax.set_title(f"{task}: {title}", fontsize=10)
+            ax.axhline(0, color="gray", lw=0.6)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+        axes[0][0].set_ylabel("normalised score (true reward), mean over seeds")
+        fig.suptitle(f"{task}: SAC from scratch on each reward source")
         fig.tight_layout()
         fig.savefig(out / f"curves_{task}.png", dpi=120)
         plt.close(fig)

@@ -161,7 +161,6 @@ class PolicyLogLikelihood(nn.Module):
             raise ValueError("PolicyLogLikelihood needs a trained BiCQLML module (its encoder and policy).")
         self.encoder = module.encoder
         self.policy = module.policy
-        self.discrete = module.policy.discrete
         self.relative = bool(relative)
         self.requires_grad_(False).eval()
 

@@ -161,19 +161,27 @@ def test_discrete_soft_advantage_is_temperature_times_the_boltzmann_log_probabil
         torch.testing.assert_close(advantage(obs, torch.full((6,), a)), t * log_pi)
 
 
-def test_a_checkpoints_soft_advantage_ranks_among_ds_pairs_and_other_scores_are_refused(pendulum_ckpt, tiny_data,
-                                                                                         monkeypatch):
+@pytest.mark.parametrize("score, scorer", [
+    ("soft_advantage", SoftAdvantage.from_checkpoint),
+    ("log_likelihood", PolicyLogLikelihood.from_checkpoint),
+    ("relative_log_likelihood", lambda path: PolicyLogLikelihood.from_checkpoint(path, relative=True))])
+def test_a_checkpoints_score_ranks_among_ds_pairs_in_its_own_order(pendulum_ckpt, tiny_data, monkeypatch, score,
+                                                                   scorer):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tiny_data.root))
     offline = tiny_data.ids("pendulum")[1]
     data = load_transitions(offline)
-    ranked = RankedReward.from_checkpoint(pendulum_ckpt, offline, score="soft_advantage")
-    scores = SoftAdvantage.from_checkpoint(pendulum_ckpt)(torch.as_tensor(data.observations),
-                                                           torch.as_tensor(data.actions)).numpy()
+    ranked = RankedReward.from_checkpoint(pendulum_ckpt, offline, score=score)
+    scores = scorer(pendulum_ckpt)(torch.as_tensor(data.observations), torch.as_tensor(data.actions)).numpy()
     r = ranked.predict(data.observations, data.actions)
     assert np.array_equal(np.argsort(r, kind="stable"), np.argsort(scores, kind="stable"))
     assert r.mean() == pytest.approx(0.5)
+    assert float(ranked.predict(data.observations[3], data.actions[3])) == pytest.approx(r[3])
+
+
+def test_a_score_a_checkpoint_does_not_have_is_refused_in_one_line(pendulum_ckpt, tiny_data, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tiny_data.root))
     with pytest.raises(ValueError, match="use one of 'reward', 'soft_advantage', 'log_likelihood', 'relative"):
-        RankedReward.from_checkpoint(pendulum_ckpt, offline, score="q")
+        RankedReward.from_checkpoint(pendulum_ckpt, tiny_data.ids("pendulum")[1], score="q")
 
 
 def test_discrete_controller_log_likelihood_is_its_boltzmann_log_probability(cartpole_ckpt):
@@ -227,19 +235,6 @@ def test_box_boltzmann_log_likelihood_is_a_density_over_the_action_box(pendulum_
         density = torch.stack([policy.log_prob(enc, a.expand(3, 1)).exp() for a in grid], 1)  # (3, 2001)
     mass = torch.trapezoid(density, grid, dim=1)
     torch.testing.assert_close(mass, torch.ones(3), atol=0.05, rtol=0)
-
-
-def test_a_checkpoints_controller_log_likelihood_ranks_among_ds_pairs(pendulum_ckpt, tiny_data, monkeypatch):
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tiny_data.root))
-    offline = tiny_data.ids("pendulum")[1]
-    data = load_transitions(offline)
-    ranked = RankedReward.from_checkpoint(pendulum_ckpt, offline, score="log_likelihood")
-    scores = PolicyLogLikelihood.from_checkpoint(pendulum_ckpt)(torch.as_tensor(data.observations),
-                                                                torch.as_tensor(data.actions)).numpy()
-    r = ranked.predict(data.observations, data.actions)
-    assert np.array_equal(np.argsort(r, kind="stable"), np.argsort(scores, kind="stable"))
-    assert r.mean() == pytest.approx(0.5)
-    assert float(ranked.predict(data.observations[3], data.actions[3])) == pytest.approx(r[3])
 
 
 def test_relative_log_likelihood_is_zero_at_the_controllers_greedy_action_and_keeps_each_states_order(pendulum_ckpt):

@@ -74,8 +74,11 @@ LEARNED = {"bicql": "bicql", "bicql_shaped": "bicql", "bicql_bonus": "bicql", "b
            "bicql_advantage": "bicql", "bicql_likelihood": "bicql",
            "bicql_relative_likelihood": "bicql", "untrained_ranked": "bicql",
            "iqlearn": "iqlearn", "iqlearn_bonus": "iqlearn"}
+# The checkpoint sources ranked by ``RankedReward.from_checkpoint``, each with the score it ranks.
+RANKED_SCORE = {"bicql_ranked": "reward", "bicql_advantage": "soft_advantage", "bicql_likelihood": "log_likelihood",
+                "bicql_relative_likelihood": "relative_log_likelihood"}
 # Sources that pay a rank among the cell's D, and so need D (``ranking_data``).
-RANKED = {"bicql_ranked", "untrained_ranked", "bicql_advantage", "bicql_likelihood", "bicql_relative_likelihood"}
+RANKED = set(RANKED_SCORE) | {"untrained_ranked"}
 # What the ``*_bonus`` sources add per step: the ``constant`` source's reward.
 SURVIVAL_BONUS = 1.0
 
@@ -154,14 +157,8 @@ def learned_reward(kind: str, checkpoint: str, data: str | None = None
         return RewardNet.from_checkpoint(checkpoint)
     if kind == "bicql_shaped":
         return ShapedReward.from_checkpoint(checkpoint)
-    if kind == "bicql_ranked":
-        return RankedReward.from_checkpoint(checkpoint, data)
-    if kind == "bicql_advantage":
-        return RankedReward.from_checkpoint(checkpoint, data, score="soft_advantage")
-    if kind == "bicql_likelihood":
-        return RankedReward.from_checkpoint(checkpoint, data, score="log_likelihood")
-    if kind == "bicql_relative_likelihood":
-        return RankedReward.from_checkpoint(checkpoint, data, score="relative_log_likelihood")
+    if kind in RANKED_SCORE:
+        return RankedReward.from_checkpoint(checkpoint, data, score=RANKED_SCORE[kind])
     if kind == "untrained_ranked":
         return RankedReward.fit(untrained(RewardNet.from_checkpoint(checkpoint)), *pairs(data))
     return IQLearnReward(IQLearn.load_from_checkpoint(checkpoint, map_location="cpu"))

@@ -73,6 +73,11 @@ class IQL(OfflineModule):
             1000 / (max − min) of D's episode returns under the reward trained on, the IQL
             paper's normalisation for MuJoCo locomotion, derived once at the start of the fit
             (and kept in the checkpoint) from whichever reward that is, dataset's or learned.
+        reward_centre: subtract the reward's mean over D's pairs before scaling, derived once
+            at the start of the fit and kept in the checkpoint. A learned reward's constant per
+            step is one the expert's likelihood leaves free, and on a task that ends episodes
+            by failure that constant decides how much surviving pays; centring makes D's
+            average pair earn 0, whatever level the reward was trained at.
         hidden_sizes: hidden widths of the critics, the value and the policy.
         gamma: discount :math:`\gamma`.
         expectile: :math:`\tau` of the value's expectile regression (0.7: the IQL paper's
@@ -98,6 +103,7 @@ class IQL(OfflineModule):
         spaces: dict[str, Any] | None = None,
         reward: str | None = None,
         reward_scale: float | Literal["returns"] = 1.0,
+        reward_centre: bool = False,
         hidden_sizes: list[int] = [256, 256],  # noqa: B006 - jsonargparse needs a literal
         gamma: float = 0.99,
         expectile: float = 0.7,
@@ -136,26 +142,43 @@ class IQL(OfflineModule):
                                   else GaussianPolicy(spaces, hp.hidden_sizes, "clipped"))
         if hp.reward_scale == "returns":  # 0 until derived from D; a checkpoint keeps it
             self.register_buffer("returns_scale", torch.zeros(()))
+        if hp.reward_centre:  # NaN until derived from D; a checkpoint keeps it
+            self.register_buffer("reward_mean", torch.full((), float("nan")))
         self.built = True
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if self.hparams.reward_scale == "returns" and not float(self.returns_scale) > 0:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            if datamodule is None or getattr(datamodule, "offline_store", None) is None:
-                raise ValueError("IQL(reward_scale='returns') reads D's episodes: fit it with an OfflineIRLDataModule.")
+        hp = self.hparams
+        centre = hp.reward_centre and bool(torch.isnan(self.reward_mean))
+        scale = hp.reward_scale == "returns" and not float(self.returns_scale) > 0
+        if not (centre or scale):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or getattr(datamodule, "offline_store", None) is None:
+            option = "reward_centre=True" if centre else "reward_scale='returns'"
+            raise ValueError(f"IQL({option}) reads D's pairs: fit it with an OfflineIRLDataModule.")
+        if centre:  # first: the returns' spread is that of the centred reward
+            self.reward_mean.fill_(float(self.store_rewards(datamodule.offline_store).mean()))
+        if scale:
             self.returns_scale.fill_(self.episode_returns_scale(datamodule.offline_store))
 
     @torch.no_grad()
-    def episode_returns_scale(self, store: Any, chunk: int = 65536) -> float:
+    def store_rewards(self, store: Any, chunk: int = 65536) -> Tensor:
+        """The reward of every pair of ``store`` (D), neither centred nor scaled (float64)."""
+        out = torch.empty(len(store), dtype=torch.float64, device=store.episode_number.device)
+        for start in range(0, len(store), chunk):
+            index = torch.arange(start, min(start + chunk, len(store)), device=out.device)
+            batch = {k: v.to(self.device) for k, v in store.take(index).items()}
+            out[start:start + len(index)] = self._raw_rewards(batch).double().to(out.device)
+        return out
+
+    @torch.no_grad()
+    def episode_returns_scale(self, store: Any) -> float:
         """1000 / (max − min) of the episode returns of ``store`` (D) under :meth:`rewards`'
-        reward, unscaled."""
+        reward, centred where it is, unscaled."""
         episode = store.episode_number
         returns = torch.zeros(int(episode.max()) + 1, dtype=torch.float64, device=episode.device)
-        for start in range(0, len(store), chunk):
-            index = torch.arange(start, min(start + chunk, len(store)), device=episode.device)
-            batch = {k: v.to(self.device) for k, v in store.take(index).items()}
-            returns.index_add_(0, episode[index], self._raw_rewards(batch).double().to(episode.device))
+        returns.index_add_(0, episode, self._centred(self.store_rewards(store)))
         returns = returns[torch.unique(episode)]  # episode numbers need not be contiguous
         spread = float(returns.max() - returns.min())
         if not spread > 0:
@@ -188,9 +211,13 @@ class IQL(OfflineModule):
 
     @torch.no_grad()
     def rewards(self, batch: Batch) -> Tensor:
-        """The rewards training uses: the dataset's, or the learned reward's, times ``reward_scale``."""
+        """The rewards training uses: the dataset's or the learned reward's, centred where
+        ``reward_centre``, times ``reward_scale``."""
         scale = self.returns_scale if self.hparams.reward_scale == "returns" else self.hparams.reward_scale
-        return scale * self._raw_rewards(batch)
+        return scale * self._centred(self._raw_rewards(batch))
+
+    def _centred(self, rewards: Tensor) -> Tensor:
+        return rewards - self.reward_mean.to(rewards.dtype) if self.hparams.reward_centre else rewards
 
     def _raw_rewards(self, batch: Batch) -> Tensor:
         r = batch["reward"] if self.reward_net is None else full_precision(

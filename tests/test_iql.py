@@ -120,3 +120,25 @@ def test_reward_scale_returns_is_1000_over_the_spread_of_ds_episode_returns_and_
     assert float(IQL.load_from_checkpoint(path).returns_scale) == float(model.returns_scale)
     with pytest.raises(ValueError, match="positive number or 'returns'"):
         IQL(reward_scale="episodes")
+
+
+def test_reward_centre_subtracts_ds_mean_reward_before_the_returns_scale_and_the_checkpoint_keeps_it(tiny, tmp_path):
+    from bicql_lightning.datasets import load_transitions
+
+    dm = OfflineIRLDataModule(*tiny.ids("pendulum"), batch_size=32, batches_per_epoch=3, val_size=16, seed=0)
+    model = IQL(spaces=dm.spaces, hidden_sizes=[16], reward_centre=True, reward_scale="returns")
+    assert torch.isnan(model.reward_mean)  # not derived before a fit
+    trainer = L.Trainer(max_epochs=1, **{**QUIET, "enable_checkpointing": True}, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    data = list(map(load_transitions, tiny.ids("pendulum")))  # D: the mixed episodes and the expert's
+    rewards = np.concatenate([t.rewards.astype(np.float64) for t in data])
+    assert float(model.reward_mean) == pytest.approx(rewards.mean(), rel=1e-6)
+    returns = np.concatenate([np.bincount(t.episode_ids.astype(np.int64),
+                                          weights=t.rewards.astype(np.float64) - rewards.mean()) for t in data])
+    assert float(model.returns_scale) == pytest.approx(1000.0 / (returns.max() - returns.min()), rel=1e-6)
+    batch = dm.sample_batch()["offline"]
+    np.testing.assert_allclose(model.rewards(batch).numpy(),
+                               float(model.returns_scale) * (batch["reward"].numpy() - rewards.mean()), rtol=1e-5)
+    path = tmp_path / "iql.ckpt"
+    trainer.save_checkpoint(path)
+    assert float(IQL.load_from_checkpoint(path).reward_mean) == float(model.reward_mean)

@@ -374,11 +374,12 @@ def main(argv: list[str] | None = None) -> None:
             for row in run_cells_batched(task, regime, n, seeds, config, demos, checkpoints):
                 report(results, row)
     for task, regime, demos, n, algo, seed in cells:
-        if claims is not None and not claim(claims / f"{task.name}_{regime}_{demos}_{n}_{algo}_{seed}"):
-            continue
+        # Before the claim: a cell skipped for a checkpoint that another process is still training stays free.
         if algo == "iql_transfer" and not checkpoint_path(checkpoints, task, regime, demos, n, seed).exists():
             print(f"{task.name} {regime} {demos} N={n} iql_transfer seed={seed}: skipped, no BiCQL-ML checkpoint "
                   f"of that cell in {checkpoints} (run its bicql cell first)", flush=True)
+            continue
+        if claims is not None and not claim(claims / f"{task.name}_{regime}_{demos}_{n}_{algo}_{seed}"):
             continue
         config = yaml.safe_load((Path(args.configs) / f"{CONFIG_OF.get(algo, algo)}.yaml").read_text())
         trainer = config.setdefault("trainer", {})

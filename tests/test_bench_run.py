@@ -121,3 +121,26 @@ def test_reward_correlation_scores_a_dataset_in_chunks_as_in_one_pass(tiny, monk
     chunked = run.reward_correlation(model, tiny.pendulum_mixed)
     assert np.isfinite(whole) and abs(whole) > 1e-3
     assert chunked == pytest.approx(whole, abs=1e-6)
+
+
+def test_a_transfer_cell_skipped_for_a_missing_checkpoint_stays_unclaimed_for_the_process_that_finds_it(
+        tmp_path, monkeypatch):
+    import bench.run as run
+
+    ran = []
+    monkeypatch.setattr(run, "read_manifest", lambda path: [_Task("hopper")])
+    monkeypatch.setattr(run, "set_precision", lambda trainer, requested: trainer.get("precision"))
+    monkeypatch.setattr(run, "run_cell", lambda task, regime, n, algo, seed, *rest: ran.append((algo, seed)) or {})
+    monkeypatch.setattr(run, "report", lambda results, row: None)
+    checkpoints, claims = tmp_path / "checkpoints", tmp_path / "claims"
+    argv = ["--manifest", "m.json", "--data", str(tmp_path), "--tier", "full", "--tasks", "hopper",
+            "--cells", "with-mixed:sub20:1", "--algos", "iql_transfer", "--seeds", "0",
+            "--checkpoints", str(checkpoints), "--claims", str(claims), "--results", str(tmp_path / "rows.jsonl")]
+    main(argv)  # the BiCQL-ML seed is still training elsewhere: nothing to run, nothing claimed
+    assert ran == [] and list(claims.iterdir()) == []
+    path = run.checkpoint_path(checkpoints, _Task("hopper"), "with-mixed", "sub20", 1, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    main(argv)  # its checkpoint is there now: this process claims and runs the cell
+    main(argv)  # and a second process sharing the claims skips it
+    assert ran == [("iql_transfer", 0)] and len(list(claims.iterdir())) == 1

@@ -77,7 +77,9 @@ class IQL(OfflineModule):
             at the start of the fit and kept in the checkpoint. A learned reward's constant per
             step is one the expert's likelihood leaves free, and on a task that ends episodes
             by failure that constant decides how much surviving pays; centring makes D's
-            average pair earn 0, whatever level the reward was trained at.
+            average pair earn 0, whatever level the reward was trained at. Measured on such
+            a task it is harmful: below-average steps then cost, so ending the episode pays,
+            and on hopper IQL learns to fall at once (bench/NOTES.md). Off by default.
         hidden_sizes: hidden widths of the critics, the value and the policy.
         gamma: discount :math:`\gamma`.
         expectile: :math:`\tau` of the value's expectile regression (0.7: the IQL paper's

@@ -159,10 +159,12 @@ class IQL(OfflineModule):
         if datamodule is None or getattr(datamodule, "offline_store", None) is None:
             option = "reward_centre=True" if centre else "reward_scale='returns'"
             raise ValueError(f"IQL({option}) reads D's pairs: fit it with an OfflineIRLDataModule.")
+        store = datamodule.offline_store
+        rewards = self.store_rewards(store)  # one relabelling of D serves both
         if centre:  # first: the returns' spread is that of the centred reward
-            self.reward_mean.fill_(float(self.store_rewards(datamodule.offline_store).mean()))
+            self.reward_mean.fill_(float(rewards.mean()))
         if scale:
-            self.returns_scale.fill_(self.episode_returns_scale(datamodule.offline_store))
+            self.returns_scale.fill_(self.episode_returns_scale(store.episode_number, self._centred(rewards)))
 
     @torch.no_grad()
     def store_rewards(self, store: Any, chunk: int = 65536) -> Tensor:
@@ -174,13 +176,11 @@ class IQL(OfflineModule):
             out[start:start + len(index)] = self._raw_rewards(batch).double().to(out.device)
         return out
 
-    @torch.no_grad()
-    def episode_returns_scale(self, store: Any) -> float:
-        """1000 / (max − min) of the episode returns of ``store`` (D) under :meth:`rewards`'
-        reward, centred where it is, unscaled."""
-        episode = store.episode_number
+    @staticmethod
+    def episode_returns_scale(episode: Tensor, rewards: Tensor) -> float:
+        """1000 / (max − min) of the episode returns of pairs with these episode numbers and rewards."""
         returns = torch.zeros(int(episode.max()) + 1, dtype=torch.float64, device=episode.device)
-        returns.index_add_(0, episode, self._centred(self.store_rewards(store)))
+        returns.index_add_(0, episode, rewards.to(torch.float64))
         returns = returns[torch.unique(episode)]  # episode numbers need not be contiguous
         spread = float(returns.max() - returns.min())
         if not spread > 0:

@@ -35,6 +35,7 @@ from .densities import GaussianPolicy
 from .distributed import full_precision
 from .losses import Metrics
 from .networks import QEnsemble, mlp
+from .ranked import rank_among
 from .reward import RewardNet
 from .spaces import SpaceSpec, check_spec
 
@@ -80,6 +81,12 @@ class IQL(OfflineModule):
             average pair earn 0, whatever level the reward was trained at. Measured on such
             a task it is harmful: below-average steps then cost, so ending the episode pays,
             and on hopper IQL learns to fall at once (bench/NOTES.md). Off by default.
+        reward_rank: replace each reward by its rank among D's pairs, in [0, 1] (the share of
+            D's pairs below it, as :class:`~bicql_lightning.RankedReward` pays), before
+            centring and scaling. A learned reward is ranked by its network's output before
+            the bound, which still orders the pairs that the bound's floor rounds to one
+            value. D's sorted values are derived once at the start of the fit and kept in
+            the checkpoint. Off by default.
         hidden_sizes: hidden widths of the critics, the value and the policy.
         gamma: discount :math:`\gamma`.
         expectile: :math:`\tau` of the value's expectile regression (0.7: the IQL paper's
@@ -106,6 +113,7 @@ class IQL(OfflineModule):
         reward: str | None = None,
         reward_scale: float | Literal["returns"] = 1.0,
         reward_centre: bool = False,
+        reward_rank: bool = False,
         hidden_sizes: list[int] = [256, 256],  # noqa: B006 - jsonargparse needs a literal
         gamma: float = 0.99,
         expectile: float = 0.7,
@@ -146,20 +154,27 @@ class IQL(OfflineModule):
             self.register_buffer("returns_scale", torch.zeros(()))
         if hp.reward_centre:  # NaN until derived from D; a checkpoint keeps it
             self.register_buffer("reward_mean", torch.full((), float("nan")))
+        if hp.reward_rank:  # D's sorted values: empty until derived from D; a checkpoint keeps them
+            self.register_buffer("rank_reference", torch.empty(0))
         self.built = True
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
         hp = self.hparams
+        rank = hp.reward_rank and self.rank_reference.numel() == 0
         centre = hp.reward_centre and bool(torch.isnan(self.reward_mean))
         scale = hp.reward_scale == "returns" and not float(self.returns_scale) > 0
-        if not (centre or scale):
+        if not (rank or centre or scale):
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or getattr(datamodule, "offline_store", None) is None:
-            option = "reward_centre=True" if centre else "reward_scale='returns'"
+            option = "reward_rank=True" if rank else "reward_centre=True" if centre else "reward_scale='returns'"
             raise ValueError(f"IQL({option}) reads D's pairs: fit it with an OfflineIRLDataModule.")
         store = datamodule.offline_store
+        if rank:  # first: centring and the returns' spread are those of the ranks
+            self.rank_reference = torch.sort(self.store_rewards(store, ranked=False).float()).values.to(self.device)
+        if not (centre or scale):
+            return
         rewards = self.store_rewards(store)  # one relabelling of D serves both
         if centre:  # first: the returns' spread is that of the centred reward
             self.reward_mean.fill_(float(rewards.mean()))
@@ -167,13 +182,15 @@ class IQL(OfflineModule):
             self.returns_scale.fill_(self.episode_returns_scale(store.episode_number, self._centred(rewards)))
 
     @torch.no_grad()
-    def store_rewards(self, store: Any, chunk: int = 65536) -> Tensor:
-        """The reward of every pair of ``store`` (D), neither centred nor scaled (float64)."""
+    def store_rewards(self, store: Any, chunk: int = 65536, ranked: bool = True) -> Tensor:
+        """The reward of every pair of ``store`` (D), neither centred nor scaled (float64); where
+        ``reward_rank``, ranked, or with ``ranked=False`` what is ranked (a learned reward's
+        output before the bound)."""
         out = torch.empty(len(store), dtype=torch.float64, device=store.episode_number.device)
         for start in range(0, len(store), chunk):
             index = torch.arange(start, min(start + chunk, len(store)), device=out.device)
             batch = {k: v.to(self.device) for k, v in store.take(index).items()}
-            out[start:start + len(index)] = self._raw_rewards(batch).double().to(out.device)
+            out[start:start + len(index)] = self._raw_rewards(batch, ranked).double().to(out.device)
         return out
 
     @staticmethod
@@ -213,18 +230,32 @@ class IQL(OfflineModule):
 
     @torch.no_grad()
     def rewards(self, batch: Batch) -> Tensor:
-        """The rewards training uses: the dataset's or the learned reward's, centred where
-        ``reward_centre``, times ``reward_scale``."""
+        """The rewards training uses: the dataset's or the learned reward's, ranked where
+        ``reward_rank``, centred where ``reward_centre``, times ``reward_scale``."""
         scale = self.returns_scale if self.hparams.reward_scale == "returns" else self.hparams.reward_scale
         return scale * self._centred(self._raw_rewards(batch))
 
     def _centred(self, rewards: Tensor) -> Tensor:
         return rewards - self.reward_mean.to(rewards.dtype) if self.hparams.reward_centre else rewards
 
-    def _raw_rewards(self, batch: Batch) -> Tensor:
-        r = batch["reward"] if self.reward_net is None else full_precision(
-            self.reward_net(batch["obs"], batch["action"]))
-        return r.float()
+    def _raw_rewards(self, batch: Batch, ranked: bool = True) -> Tensor:
+        rank = ranked and self.hparams.reward_rank
+        if rank and self.rank_reference.numel() == 0:
+            raise ValueError("IQL(reward_rank=True) ranks rewards among D's pairs, which are read at the start of "
+                             "a fit: fit it (or load a fitted checkpoint) before asking for its rewards.")
+        if self.reward_net is None:
+            r = batch["reward"]
+        else:  # ranks read the output before the bound, whose floor ties most of D
+            head = self.reward_net.logit if self.hparams.reward_rank else self.reward_net
+            r = full_precision(head(batch["obs"], batch["action"]))
+        return (rank_among(r, self.rank_reference) if rank else r).float()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # D's sorted values are as many as D's pairs: take the checkpoint's size before loading them.
+        key = prefix + "rank_reference"
+        if key in state_dict and hasattr(self, "rank_reference"):
+            self.rank_reference = torch.empty_like(state_dict[key], device=self.rank_reference.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _log_prob(self, enc: Tensor, action: Tensor) -> Tensor:
         if self.discrete:

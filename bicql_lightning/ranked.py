@@ -54,6 +54,20 @@ def pair_scores(scorer: Any, state: torch.Tensor, action: torch.Tensor) -> np.nd
     return np.concatenate(parts) if parts else np.empty(0)
 
 
+def rank_among(score: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The rank of each ``score`` among the sorted ``reference`` values, in [0, 1]: the i-th
+    smallest of n sits at (i + 1/2)/n, linear between two of them, 0 below the least and 1
+    above the greatest. On the scores' device, in the reference's dtype."""
+    n = reference.numel()
+    score = score.to(reference.dtype)
+    above = torch.searchsorted(reference, score, right=True)  # how many reference values are <= score
+    lo, hi = (above - 1).clamp(0, n - 1), above.clamp(0, n - 1)
+    x0, x1 = reference[lo], reference[hi]
+    share = torch.where(x1 > x0, (score - x0) / (x1 - x0).clamp_min(torch.finfo(reference.dtype).tiny), 0.0)
+    ranks = (lo + 0.5 + share * (hi - lo)) / n
+    return torch.where(score < reference[0], 0.0, torch.where(score > reference[-1], 1.0, ranks))
+
+
 class RankedReward:
     """``r'(s, a)``: the share of D's pairs that a scorer ranks below ``(s, a)``.
 
@@ -73,8 +87,6 @@ class RankedReward:
                              f"{int((~np.isfinite(reference)).sum())} not finite): fit it on D's pairs.")
         self.reward_net = reward_net.eval()
         self.reference = reference
-        # The i-th smallest of n values sits at rank (i + 1/2)/n; below D's least pair 0, above its greatest 1.
-        self.levels = (np.arange(reference.size) + 0.5) / reference.size
 
     @classmethod
     @torch.no_grad()
@@ -112,5 +124,5 @@ class RankedReward:
     def predict(self, state: Any, action: Any, next_state: Any = None, done: Any = None) -> np.ndarray:
         state_t, action_t, single = self.reward_net.batch(state, action)
         logit = pair_scores(self.reward_net, state_t, action_t)
-        ranks = np.interp(logit, self.reference, self.levels, left=0.0, right=1.0)
+        ranks = rank_among(torch.from_numpy(logit), torch.from_numpy(self.reference)).numpy()
         return ranks[0] if single else ranks

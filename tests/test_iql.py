@@ -142,3 +142,30 @@ def test_reward_centre_subtracts_ds_mean_reward_before_the_returns_scale_and_the
     path = tmp_path / "iql.ckpt"
     trainer.save_checkpoint(path)
     assert float(IQL.load_from_checkpoint(path).reward_mean) == float(model.reward_mean)
+
+
+def test_reward_rank_pays_the_rank_among_ds_pairs_that_ranked_reward_pays_and_the_checkpoint_keeps_it(tiny, tmp_path):
+    from bicql_lightning import RankedReward, RewardNet
+
+    dm = OfflineIRLDataModule(*tiny.ids("pendulum"), batch_size=32, batches_per_epoch=3, val_size=16, seed=0)
+    bicql = BiCQLML(spaces=dm.spaces, hidden_sizes=[16], reward_hidden_sizes=[16],
+                    policy={"init_args": {"hidden_sizes": [16], "fit_steps": 5, "num_candidates": 4}},
+                    proposal_fit_steps=5)
+    L.Trainer(max_epochs=1, **QUIET).fit(bicql, dm)
+    reward_path = tmp_path / "bicql.ckpt"
+    bicql.trainer.save_checkpoint(reward_path)
+    model = IQL(reward=str(reward_path), spaces=dm.spaces, hidden_sizes=[16], reward_rank=True)
+    with pytest.raises(ValueError, match="fit it"):
+        model.rewards(dm.sample_batch()["offline"])
+    trainer = L.Trainer(max_epochs=1, **{**QUIET, "enable_checkpointing": True}, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    obs, act = dm.pairs("offline")  # D: the mixed episodes and the expert's, as the batches hold them
+    assert model.rank_reference.numel() == len(obs)
+    ranked = RankedReward.fit(RewardNet.from_checkpoint(reward_path), obs.numpy(), act.numpy())
+    batch = dm.sample_batch()["offline"]
+    paid = model.rewards(batch).numpy()
+    np.testing.assert_allclose(paid, ranked.predict(batch["obs"].numpy(), batch["action"].numpy()), atol=1e-4)
+    assert 0.0 <= paid.min() and paid.max() <= 1.0 and paid.std() > 0.1  # spread over [0, 1], not one value
+    path = tmp_path / "iql.ckpt"
+    trainer.save_checkpoint(path)
+    np.testing.assert_array_equal(IQL.load_from_checkpoint(path).rewards(batch).numpy(), paid)

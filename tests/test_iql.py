@@ -169,3 +169,13 @@ def test_reward_rank_pays_the_rank_among_ds_pairs_that_ranked_reward_pays_and_th
     path = tmp_path / "iql.ckpt"
     trainer.save_checkpoint(path)
     np.testing.assert_array_equal(IQL.load_from_checkpoint(path).rewards(batch).numpy(), paid)
+
+
+def test_reward_rank_on_the_datasets_reward_pays_each_true_reward_its_rank_among_ds_rewards(tiny):
+    dm = OfflineIRLDataModule(*tiny.ids("pendulum"), batch_size=32, batches_per_epoch=3, val_size=16, seed=0)
+    model = IQL(spaces=dm.spaces, hidden_sizes=[16], reward_rank=True)  # the oracle, ranked
+    L.Trainer(max_epochs=1, **QUIET).fit(model, dm)
+    rewards = np.sort(dm.offline_store.fields["reward"].numpy().astype(np.float64))
+    batch = dm.sample_batch()["offline"]
+    by_hand = np.interp(batch["reward"].numpy(), rewards, (np.arange(len(rewards)) + 0.5) / len(rewards))
+    np.testing.assert_allclose(model.rewards(batch).numpy(), by_hand, atol=1e-5)

@@ -86,11 +86,11 @@ class IQL(OfflineModule):
             centring and scaling. A learned reward is ranked by its network's output before
             the bound, which still orders the pairs that the bound's floor rounds to one
             value. D's sorted values are derived once at the start of the fit and kept in
-            the checkpoint. D's median pair then pays half what its best pays, so on a
-            task that ends episodes by failure surviving badly pays: on hopper with mixed
-            data IQL on ranks fell short on one seed in three, on the learned reward (16.1)
-            and on the true one (74.7), and beside medium data it gained nothing
-            (bench/NOTES.md). Off by default.
+            the checkpoint. Ranks squeeze the top of the scale (on hopper the expert's
+            pairs and D's near-expert ones all earn 0.76–1), so the advantages among good
+            actions shrink: with mixed data IQL on ranks learned a gait that falls on one
+            seed in three, on the learned reward (16.1) and on the true one (74.7), and
+            beside medium data it gained nothing (bench/NOTES.md). Off by default.
         hidden_sizes: hidden widths of the critics, the value and the policy.
         gamma: discount :math:`\gamma`.
         expectile: :math:`\tau` of the value's expectile regression (0.7: the IQL paper's

@@ -175,11 +175,10 @@ class IQL(OfflineModule):
             option = "reward_rank=True" if rank else "reward_centre=True" if centre else "reward_scale='returns'"
             raise ValueError(f"IQL({option}) reads D's pairs: fit it with an OfflineIRLDataModule.")
         store = datamodule.offline_store
+        rewards = self.store_rewards(store, ranked=not rank)  # one relabelling of D serves all three
         if rank:  # first: centring and the returns' spread are those of the ranks
-            self.rank_reference = torch.sort(self.store_rewards(store, ranked=False).float()).values.to(self.device)
-        if not (centre or scale):
-            return
-        rewards = self.store_rewards(store)  # one relabelling of D serves both
+            self.rank_reference = torch.sort(rewards.float()).values.to(self.device)
+            rewards = rank_among(rewards.to(self.device), self.rank_reference).double().to(rewards.device)
         if centre:  # first: the returns' spread is that of the centred reward
             self.reward_mean.fill_(float(rewards.mean()))
         if scale:

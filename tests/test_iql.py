@@ -179,3 +179,10 @@ def test_reward_rank_on_the_datasets_reward_pays_each_true_reward_its_rank_among
     batch = dm.sample_batch()["offline"]
     by_hand = np.interp(batch["reward"].numpy(), rewards, (np.arange(len(rewards)) + 0.5) / len(rewards))
     np.testing.assert_allclose(model.rewards(batch).numpy(), by_hand, atol=1e-5)
+
+
+def test_reward_rank_comes_before_centring_so_ds_ranks_are_centred_on_their_mean_one_half(tiny):
+    dm = OfflineIRLDataModule(*tiny.ids("pendulum"), batch_size=32, batches_per_epoch=3, val_size=16, seed=0)
+    model = IQL(spaces=dm.spaces, hidden_sizes=[16], reward_rank=True, reward_centre=True)
+    L.Trainer(max_epochs=1, **QUIET).fit(model, dm)
+    assert float(model.reward_mean) == pytest.approx(0.5, abs=1e-3)  # D's ranks: (i + 1/2)/n, i = 0..n-1

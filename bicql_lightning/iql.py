@@ -86,11 +86,12 @@ class IQL(OfflineModule):
             centring and scaling. A learned reward is ranked by its network's output before
             the bound, which still orders the pairs that the bound's floor rounds to one
             value. D's sorted values are derived once at the start of the fit and kept in
-            the checkpoint. Ranks squeeze the top of the scale (on hopper the expert's
-            pairs and D's near-expert ones all earn 0.76–1), so the advantages among good
-            actions shrink: with mixed data IQL on ranks learned a gait that falls on one
-            seed in three, on the learned reward (16.1) and on the true one (74.7), and
-            beside medium data it gained nothing (bench/NOTES.md). Off by default.
+            the checkpoint. Ranks squeeze the top of the scale (on hopper a near-expert gait
+            that falls earned 0.76 per step, the expert's pairs 0.88), so the advantages
+            among good actions shrink: with mixed data IQL on ranks learned a gait that
+            falls on one seed in three, on the learned reward (16.1) and on the true one
+            (74.7), and beside medium data it gained nothing (bench/NOTES.md). Off by
+            default.
         hidden_sizes: hidden widths of the critics, the value and the policy.
         gamma: discount :math:`\gamma`.
         expectile: :math:`\tau` of the value's expectile regression (0.7: the IQL paper's

@@ -11,6 +11,11 @@ for: the Spearman correlation of the learned return with the episode's length, a
 the learned *per-step mean* with the true per-step mean (speed and posture, not survival).
 For a bounded reward it also gives the share of transitions within 0.01 of the bound's floor:
 there the reward is flat, so an RL learner on it gets no signal which way to go.
+
+Where most episodes are paid almost nothing, the return Spearman is decided by the order of
+those near-zero sums. ``episodes_paid_little`` counts the episodes whose learned return is
+below 1 % of the dataset's highest, and the Spearman correlation is also given among them
+and among the rest: a reward can rank the episodes it pays for well and the others poorly.
 """
 
 from __future__ import annotations
@@ -47,7 +52,24 @@ def diagnostics(ep: dict[str, np.ndarray]) -> dict[str, float]:
             "per_step_spearman": spearman(ep["learned"] / ep["length"], ep["true"] / ep["length"]),
             "learned_per_step_mean": float(ep["learned"].sum() / ep["length"].sum()),
             "share_at_floor": float(ep["at_floor"].sum() / ep["length"].sum()),
-            "episodes": int(len(ep["true"]))}
+            "episodes": int(len(ep["true"])),
+            **paid_little(ep)}
+
+
+PAID_LITTLE = 0.01  # of the highest learned episode return
+
+
+def paid_little(ep: dict[str, np.ndarray]) -> dict[str, float | int | None]:
+    """The episodes paid under :data:`PAID_LITTLE` of the best one's learned return, and the
+    return Spearman among them and among the rest (``None`` for fewer than three episodes)."""
+    top = float(ep["learned"].max())
+    little = ep["learned"] < PAID_LITTLE * top if top > 0 else np.zeros(len(ep["learned"]), bool)
+
+    def within(mask: np.ndarray) -> float | None:
+        return spearman(ep["learned"][mask], ep["true"][mask]) if mask.sum() >= 3 else None
+
+    return {"episodes_paid_little": int(little.sum()), "return_spearman_paid_little": within(little),
+            "return_spearman_rest": within(~little)}
 
 
 def plot(panels: dict[str, dict[str, np.ndarray]], stats: dict[str, dict], title: str, path: Path) -> None:

@@ -33,7 +33,7 @@ CHUNK = 8192
 @torch.no_grad()
 def reward_and_target(model: BiCQLML, transitions, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Per transition: r_θ(s, a) and the soft advantage it is regressed onto, ``(N,)`` each."""
-    net = model.q_net if model.hparams.advantage_net == "online" else model.target_q_net
+    net = model.advantage_q_net
     n = len(transitions.rewards)
     reward, target = np.empty(n), np.empty(n)
     for i in range(0, n, CHUNK):

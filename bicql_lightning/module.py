@@ -540,6 +540,11 @@ class BiCQLML(OfflineModule):
         """What the reward is regressed onto: the soft advantage (a hook for ablations)."""
         return losses.soft_advantage(q_data, next_value, pairs["terminated"], self.hparams.gamma)
 
+    @property
+    def advantage_q_net(self) -> QEnsemble:
+        """The Q network whose soft advantage the reward is regressed onto (``advantage_net``)."""
+        return self.q_net if self.hparams.advantage_net == "online" else self.target_q_net
+
     def reward_objective(self, pairs: Batch, segments: Sequence[int] | None = None,
                          offline_next_value: Tensor | None = None) -> tuple[Tensor, losses.Metrics]:
         """Upper level: regress r_θ onto the soft advantage of the frozen Q (``advantage_net``).
@@ -550,7 +555,7 @@ class BiCQLML(OfflineModule):
         :meth:`target_soft_value` of the offline batch, reused for the pairs' offline part
         (all of ``pairs`` when ``segments`` is ``None`` and D = D_E).
         """
-        net = self.q_net if self.hparams.advantage_net == "online" else self.target_q_net
+        net = self.advantage_q_net
         with torch.no_grad():
             q_data = self._min_q(pairs, net)
             if net is self.q_net or offline_next_value is None:

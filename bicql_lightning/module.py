@@ -113,6 +113,8 @@ class BiCQLML(OfflineModule):
             Opt-in: under the default free level those pairs already sit at the floor.
         reward_on_offline: also regress the reward onto the soft advantage on the offline
             pairs, so :math:`r_\theta` is fitted wherever Q-learning bootstraps through it.
+            Off (the paper's: D_E's pairs only), the reward extrapolates to D and on hopper
+            with mixed data pays random actions most (``bench/NOTES.md``).
         advantage_net: the Q network whose soft advantage the reward is regressed onto:
             ``"online"`` (the paper's :math:`Q` right after its update) or ``"target"``
             (the Polyak-averaged :math:`\bar Q` of the TD targets: a two-timescale loop whose

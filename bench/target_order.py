@@ -11,6 +11,11 @@ and gives the Spearman correlation of each learned per-step mean with the true o
 r_θ and A rank the episodes alike, the reward fits what the loop asks and a wrong order
 comes from Q; where they differ, it comes from the reward's fit. Terminal pairs are
 reported apart: there A is Q(s, a) alone, and a bounded reward may not reach it.
+
+A is the soft advantage as the default (``reward_level: free``) regresses onto it.
+``reward_level: anchored`` or ``data`` shifts each batch's target by one constant, which
+leaves the per-step order alone but not ``target_mean``; ``terminal_reward: zero``
+replaces the terminal pairs' target by 0, which this does not apply.
 One JSON line goes to stdout (and to ``--results``).
 """
 

@@ -5,9 +5,9 @@
 
 The reward of a BiCQL-ML checkpoint is regressed onto the soft advantage of its Q,
 A = Q(s, a) − γ·V(s'). For every episode of the dataset this takes the per-step mean of the
-reward r_θ, of that target A (computed as training computes it: the twins' minimum under
-the network ``advantage_net`` names, V(s') from proposal samples) and of the true reward,
-and gives the Spearman correlation of each learned per-step mean with the true one. Where
+reward r_θ, of that target A (computed as training computes it, by
+``BiCQLML.advantage_parts``: Q(s, a) and V(s') from the networks ``advantage_net`` names,
+V(s') from proposal samples) and of the true reward, and gives the Spearman correlation of each learned per-step mean with the true one. Where
 r_θ and A rank the episodes alike, the reward fits what the loop asks and a wrong order
 comes from Q; where they differ, it comes from the reward's fit. Terminal pairs are
 reported apart: there A is Q(s, a) alone, and a bounded reward may not reach it.
@@ -38,7 +38,6 @@ CHUNK = 8192
 @torch.no_grad()
 def reward_and_target(model: BiCQLML, transitions, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Per transition: r_θ(s, a) and the soft advantage it is regressed onto, ``(N,)`` each."""
-    net = model.advantage_q_net
     n = len(transitions.rewards)
     reward, target = np.empty(n), np.empty(n)
     for i in range(0, n, CHUNK):
@@ -47,8 +46,7 @@ def reward_and_target(model: BiCQLML, transitions, generator: torch.Generator) -
                  "action": torch.as_tensor(transitions.actions[part]),
                  "next_obs": torch.as_tensor(transitions.next_observations[part]),
                  "terminated": torch.as_tensor(transitions.terminations[part]).float()}
-        q = model._min_q(batch, net)
-        next_value = model._min_soft_value(net, batch["next_obs"], generator=generator)
+        q, next_value = model.advantage_parts(batch, generator=generator)
         target[part] = model.reward_target(q, next_value, batch).double().numpy()
         reward[part] = model.reward_net(batch["obs"], batch["action"]).double().numpy()
     return reward, target

@@ -119,7 +119,10 @@ class BiCQLML(OfflineModule):
             ``"online"`` (the paper's :math:`Q` right after its update) or ``"target"``
             (the Polyak-averaged :math:`\bar Q` of the TD targets: a two-timescale loop whose
             soft values :math:`\bar V(s')` are those of the step's TD targets, one sampled
-            soft value less per update).
+            soft value less per update) or ``"residual"`` (the twins' mean of the online
+            :math:`Q` at the pair, less :math:`\gamma\bar V(s')` of the step's TD targets: on
+            D's pairs the target is then :math:`r_\theta` plus the Q update's own residual,
+            without the lag of a Polyak copy behind a rising Q or the twins' minimum).
         cql_value_with_data_action: Box actions: the conservative term's :math:`V(s)` is
             estimated from the data action and the M proposal samples together (each
             weighted by :math:`1/q`), as the positive sits in InfoNCE's partition: once Q
@@ -190,7 +193,7 @@ class BiCQLML(OfflineModule):
         offline_reward_level: float = 0.1,
         terminal_reward: Literal["advantage", "zero"] = "advantage",
         reward_on_offline: bool = True,
-        advantage_net: Literal["online", "target"] = "target",
+        advantage_net: Literal["online", "target", "residual"] = "target",
         cql_value_with_data_action: bool = True,
         num_action_samples: int = 10,
         cql_gradient_samples: int | None = None,
@@ -207,7 +210,7 @@ class BiCQLML(OfflineModule):
     ):
         super().__init__()
         for name, value, allowed in (("cql_data", cql_data, ("offline", "expert", "both")),
-                                     ("advantage_net", advantage_net, ("online", "target")),
+                                     ("advantage_net", advantage_net, ("online", "target", "residual")),
                                      ("proposal_data", proposal_data, ("expert", "offline")),
                                      ("termination", termination, TERMINATIONS),
                                      ("reward_level", reward_level, ("free", "anchored", "data")),
@@ -481,13 +484,18 @@ class BiCQLML(OfflineModule):
         q = full_precision(net(obs, samples)).min(0).values  # (B, M)
         return losses.sampled_soft_value(q, log_prop, self.hparams.temperature)
 
-    def _min_q(self, batch: Batch, net: QEnsemble | None = None) -> Tensor:
+    def _twin_q(self, batch: Batch, net: QEnsemble | None = None) -> Tensor:
+        """Each twin's Q at the batch's pairs, ``(E, B)``."""
         net = self.q_net if net is None else net
         obs = self.encoder(batch["obs"])
         if self.discrete:
-            q = full_precision(net(obs)).min(0).values
-            return q.gather(1, batch["action"].long().view(-1, 1)).squeeze(1)
-        return full_precision(net(obs, batch["action"])).min(0).values
+            q = full_precision(net(obs))  # (E, B, A)
+            index = batch["action"].long().view(1, -1, 1).expand(q.shape[0], -1, 1)
+            return q.gather(2, index).squeeze(2)
+        return full_precision(net(obs, batch["action"]))
+
+    def _min_q(self, batch: Batch, net: QEnsemble | None = None) -> Tensor:
+        return self._twin_q(batch, net).min(0).values
 
     # ------------------------------------------------------------------ objectives
     def target_soft_value(self, batch: Batch, segments: Sequence[int] | None = None) -> Tensor:
@@ -544,8 +552,36 @@ class BiCQLML(OfflineModule):
 
     @property
     def advantage_q_net(self) -> QEnsemble:
-        """The Q network whose soft advantage the reward is regressed onto (``advantage_net``)."""
-        return self.q_net if self.hparams.advantage_net == "online" else self.target_q_net
+        """The Q network whose Q(s, a) the reward's soft advantage takes (``advantage_net``)."""
+        return self.target_q_net if self.hparams.advantage_net == "target" else self.q_net
+
+    @torch.no_grad()
+    def advantage_parts(self, pairs: Batch, segments: Sequence[int] | None = None,
+                        offline_next_value: Tensor | None = None,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Q(s, a) and V(s') of the soft advantage the reward is regressed onto, ``(B,)`` each.
+
+        ``online`` and ``target`` take both from one network, the twins' minimum; ``residual``
+        takes the online twins' mean at the pair and the target network's V(s'), the soft
+        value of the step's TD targets, so on D's pairs A - r_θ is the Q update's residual.
+        ``offline_next_value``: the step's :meth:`target_soft_value` of the offline batch,
+        reused for the pairs' offline part where the target network's V(s') is wanted.
+        """
+        mode = self.hparams.advantage_net
+        if mode == "residual":
+            q_data = self._twin_q(pairs).mean(0)
+        else:
+            q_data = self._min_q(pairs, self.advantage_q_net)
+        value_net = self.q_net if mode == "online" else self.target_q_net
+        if value_net is self.q_net or offline_next_value is None:
+            next_value = self._min_soft_value(value_net, pairs["next_obs"], segments, generator)
+        elif segments is None:
+            next_value = offline_next_value
+        else:
+            n_expert = segments[0]
+            expert_value = self._min_soft_value(value_net, pairs["next_obs"][:n_expert], segments[:1])
+            next_value = torch.cat([expert_value, offline_next_value])
+        return q_data, next_value
 
     def reward_objective(self, pairs: Batch, segments: Sequence[int] | None = None,
                          offline_next_value: Tensor | None = None) -> tuple[Tensor, losses.Metrics]:
@@ -553,21 +589,12 @@ class BiCQLML(OfflineModule):
 
         ``segments``: local sizes of the parts ``pairs`` concatenates (expert, offline), so
         that proposal samples follow each part's global batch (see ``_sample_actions``).
-        ``offline_next_value``: with ``advantage_net="target"``, the step's
+        ``offline_next_value``: with ``advantage_net`` ``"target"`` or ``"residual"``, the step's
         :meth:`target_soft_value` of the offline batch, reused for the pairs' offline part
         (all of ``pairs`` when ``segments`` is ``None`` and D = D_E).
         """
-        net = self.advantage_q_net
         with torch.no_grad():
-            q_data = self._min_q(pairs, net)
-            if net is self.q_net or offline_next_value is None:
-                next_value = self._min_soft_value(net, pairs["next_obs"], segments)
-            elif segments is None:
-                next_value = offline_next_value
-            else:
-                n_expert = segments[0]
-                expert_value = self._min_soft_value(net, pairs["next_obs"][:n_expert], segments[:1])
-                next_value = torch.cat([expert_value, offline_next_value])
+            q_data, next_value = self.advantage_parts(pairs, segments, offline_next_value)
             target = self.reward_target(q_data, next_value, pairs)
         reward = full_precision(self.reward_net(pairs["obs"], pairs["action"]))
         level = self.hparams.reward_level

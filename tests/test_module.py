@@ -305,6 +305,31 @@ def test_target_advantage_reuses_the_step_soft_values_and_scores_with_the_target
     assert loss_cat.item() == pytest.approx((reward_cat - expected_cat).pow(2).mean().item(), rel=1e-5)
 
 
+def test_residual_advantage_is_the_reward_plus_the_online_twins_mean_td_residual():
+    torch.manual_seed(0)
+    model = BiCQLML(spaces=DISCRETE, hidden_sizes=[8], gamma=0.9, advantage_net="residual")
+    with torch.no_grad():  # online and target differ, as they do while Q rises
+        for p in model.q_net.parameters():
+            p.add_(0.5)
+    expert, batch = make_batch(DISCRETE, batch_size=3, seed=2), make_batch(DISCRETE, batch_size=5)
+    pairs = {k: torch.cat([expert[k], batch[k]]) for k in batch}
+    next_value = torch.arange(5.0)  # stands for the step's target soft values of the offline part
+    with torch.no_grad():
+        q, value = model.advantage_parts(pairs, (3, 5), next_value)
+        reward = model.reward_net(pairs["obs"], pairs["action"])
+        twins = model.q_net(model.encoder(pairs["obs"])).gather(
+            2, pairs["action"].view(1, -1, 1).expand(2, -1, 1)).squeeze(2)  # (E, B)
+        y = losses.td_target(reward, value, pairs["terminated"], 0.9)  # the Q update's TD target
+        target = model.reward_target(q, value, pairs)
+    assert value[3:].tolist() == next_value.tolist()  # the offline part reuses the step's values
+    assert value[:3].tolist() == pytest.approx(model.target_soft_value(expert).tolist(), rel=1e-6)
+    assert q.tolist() == pytest.approx(twins.mean(0).tolist(), rel=1e-6)
+    # So the target differs from r_θ by the online twins' mean TD residual, nothing else.
+    assert (target - reward).tolist() == pytest.approx((twins - y).mean(0).tolist(), rel=1e-5, abs=1e-5)
+    loss, _ = model.reward_objective(pairs, (3, 5), next_value)
+    assert loss.item() == pytest.approx((reward - target).pow(2).mean().item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("spaces", [DISCRETE, BOX], ids=["discrete", "box"])
 def test_one_shared_batch_is_scored_once_whatever_cql_data_says(spaces):
     torch.manual_seed(0)

@@ -116,13 +116,15 @@ class BiCQLML(OfflineModule):
             Off (the paper's: D_E's pairs only), the reward extrapolates to D and on hopper
             with mixed data pays random actions most (``bench/NOTES.md``).
         advantage_net: the Q network whose soft advantage the reward is regressed onto:
-            ``"online"`` (the paper's :math:`Q` right after its update) or ``"target"``
+            ``"online"`` (the paper's :math:`Q` right after its update), ``"target"``
             (the Polyak-averaged :math:`\bar Q` of the TD targets: a two-timescale loop whose
             soft values :math:`\bar V(s')` are those of the step's TD targets, one sampled
             soft value less per update) or ``"residual"`` (the twins' mean of the online
             :math:`Q` at the pair, less :math:`\gamma\bar V(s')` of the step's TD targets: on
             D's pairs the target is then :math:`r_\theta` plus the Q update's own residual,
-            without the lag of a Polyak copy behind a rising Q or the twins' minimum).
+            without the lag of a Polyak copy behind a rising Q or the twins' minimum; on
+            hopper beside medium data that lag inverts the reward's order on D's pairs,
+            which ``residual`` undoes: ``bench/NOTES.md``).
         cql_value_with_data_action: Box actions: the conservative term's :math:`V(s)` is
             estimated from the data action and the M proposal samples together (each
             weighted by :math:`1/q`), as the positive sits in InfoNCE's partition: once Q

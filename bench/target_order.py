@@ -7,10 +7,11 @@ The reward of a BiCQL-ML checkpoint is regressed onto the soft advantage of its 
 A = Q(s, a) − γ·V(s'). For every episode of the dataset this takes the per-step mean of the
 reward r_θ, of that target A (computed as training computes it, by
 ``BiCQLML.advantage_parts``: Q(s, a) and V(s') from the networks ``advantage_net`` names,
-V(s') from proposal samples) and of the true reward, and gives the Spearman correlation of each learned per-step mean with the true one. Where
-r_θ and A rank the episodes alike, the reward fits what the loop asks and a wrong order
-comes from Q; where they differ, it comes from the reward's fit. Terminal pairs are
-reported apart: there A is Q(s, a) alone, and a bounded reward may not reach it.
+V(s') from proposal samples) and of the true reward, and gives the Spearman correlation of
+each learned per-step mean with the true one. Where r_θ and A rank the episodes alike, the
+reward fits what the loop asks and a wrong order comes from Q; where they differ, it comes
+from the reward's fit. Terminal pairs are reported apart: there A is Q(s, a) alone, and a
+bounded reward may not reach it.
 
 A is the soft advantage as the default (``reward_level: free``) regresses onto it.
 ``reward_level: anchored`` or ``data`` shifts each batch's target by one constant, which

@@ -124,7 +124,7 @@ class BiCQLML(OfflineModule):
             D's pairs the target is then :math:`r_\theta` plus the Q update's own residual,
             without the lag of a Polyak copy behind a rising Q or the twins' minimum; on
             hopper beside medium data that lag inverts the reward's order on D's pairs,
-            which ``residual`` undoes: ``bench/NOTES.md``).
+            which ``residual`` undoes, but it costs halfcheetah's: ``bench/NOTES.md``).
         cql_value_with_data_action: Box actions: the conservative term's :math:`V(s)` is
             estimated from the data action and the M proposal samples together (each
             weighted by :math:`1/q`), as the positive sits in InfoNCE's partition: once Q

@@ -552,11 +552,6 @@ class BiCQLML(OfflineModule):
         """What the reward is regressed onto: the soft advantage (a hook for ablations)."""
         return losses.soft_advantage(q_data, next_value, pairs["terminated"], self.hparams.gamma)
 
-    @property
-    def advantage_q_net(self) -> QEnsemble:
-        """The Q network whose Q(s, a) the reward's soft advantage takes (``advantage_net``)."""
-        return self.target_q_net if self.hparams.advantage_net == "target" else self.q_net
-
     @torch.no_grad()
     def advantage_parts(self, pairs: Batch, segments: Sequence[int] | None = None,
                         offline_next_value: Tensor | None = None,
@@ -570,11 +565,8 @@ class BiCQLML(OfflineModule):
         reused for the pairs' offline part where the target network's V(s') is wanted.
         """
         mode = self.hparams.advantage_net
-        if mode == "residual":
-            q_data = self._twin_q(pairs).mean(0)
-        else:
-            q_data = self._min_q(pairs, self.advantage_q_net)
         value_net = self.q_net if mode == "online" else self.target_q_net
+        q_data = self._twin_q(pairs).mean(0) if mode == "residual" else self._min_q(pairs, value_net)
         if value_net is self.q_net or offline_next_value is None:
             next_value = self._min_soft_value(value_net, pairs["next_obs"], segments, generator)
         elif segments is None:

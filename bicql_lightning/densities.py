@@ -320,12 +320,18 @@ class ActionProposal(nn.Module):
 
 def fit_density(net: nn.Module, nll: Callable[[Tensor, Tensor], Tensor], encoder: ObservationEncoder,
                 obs: Tensor, actions: Tensor, steps: int, lr: float, generator: torch.Generator,
-                batch_size: int = 256, weights: Tensor | None = None) -> Tensor:
+                batch_size: int = 256, weights: Tensor | None = None,
+                schedule: Literal["constant", "cosine"] = "constant") -> Tensor:
     """Maximum likelihood by Adam on ``nll(encoded obs, actions)`` over minibatches drawn from
     ``generator``; ``net`` takes no gradients before or after. Returns the last minibatch's NLL.
 
     ``weights`` ``(N,)``, non-negative: a weighted likelihood, by drawing each minibatch's
-    rows with probability proportional to their weight (uniformly without weights)."""
+    rows with probability proportional to their weight (uniformly without weights).
+    ``schedule``: ``"constant"`` keeps ``lr``; ``"cosine"`` anneals it to 0 over ``steps``
+    (as IQL's reference actor does), so the weights kept are an average over the last
+    minibatches rather than one noisy step."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"fit schedule must be 'constant' or 'cosine', got {schedule!r}")
     device = generator.device
     obs, actions = obs.to(device), actions.to(device)
     if weights is not None:
@@ -335,6 +341,7 @@ def fit_density(net: nn.Module, nll: Callable[[Tensor, Tensor], Tensor], encoder
             raise ValueError(f"fit weights must be {obs.shape[0]} finite non-negative numbers, not all zero")
     net.requires_grad_(True)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
     loss = torch.tensor(float("nan"))
     with torch.enable_grad():
         for _ in range(steps):
@@ -347,5 +354,7 @@ def fit_density(net: nn.Module, nll: Callable[[Tensor, Tensor], Tensor], encoder
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if annealing is not None:
+                annealing.step()
     net.requires_grad_(False)
     return loss.detach()

@@ -305,6 +305,9 @@ class TiltedPriorPolicy(QPolicy):
         hidden_sizes: hidden widths of the prior's network.
         fit_steps: maximum-likelihood (Adam) steps of each fit of the prior.
         lr: learning rate of those fits.
+        fit_schedule: the learning rate over each fit: ``"constant"`` (the default) or
+            ``"cosine"``, annealed to 0 over ``fit_steps`` (IQL's actor does this), so the
+            prior kept does not depend on the last few minibatches (``bench/NOTES.md``).
         relabel: whether, where D holds more than D_E, the prior is refitted after training
             to D as the trained loop labels it, and acting uses that one: the learned reward
             and Q label logged data cloning cannot (halfcheetah with mixed data: BC on all of
@@ -347,8 +350,12 @@ class TiltedPriorPolicy(QPolicy):
                  hidden_sizes: list[int] = [256, 256],  # noqa: B006 - jsonargparse needs a literal
                  fit_steps: int = 20000, lr: float = 3e-4, relabel: bool | Literal["auto", "heldout"] = "auto",
                  relabel_weights: Literal["advantage", "episodes"] = "advantage", advantage_scale: float = 1.0,
-                 expert_like_fraction: float = 0.5, tilt_after_refit: bool = False):
+                 expert_like_fraction: float = 0.5, tilt_after_refit: bool = False,
+                 fit_schedule: Literal["constant", "cosine"] = "constant"):
         super().__init__(temperature, num_candidates)
+        if fit_schedule not in ("constant", "cosine"):
+            raise ValueError(f"policy fit_schedule must be 'constant' or 'cosine', got {fit_schedule!r}")
+        self.fit_schedule = fit_schedule
         if fit_steps < 1:
             raise ValueError(f"policy fit_steps must be at least 1, got {fit_steps}")
         if not np.isfinite(expert_like_fraction):
@@ -422,7 +429,7 @@ class TiltedPriorPolicy(QPolicy):
     def _fit(self, prior: GaussianPolicy, obs: Tensor, actions: Tensor, generator: torch.Generator,
              weights: Tensor | None = None) -> None:
         fit_density(prior, lambda o, a: prior.loss(o, a)[0], self.encoder, obs, actions, self.fit_steps,
-                    self.lr, generator, weights=weights)
+                    self.lr, generator, weights=weights, schedule=self.fit_schedule)
 
     def fit(self, data: OfflineData, generator: torch.Generator) -> None:
         if not self.needs_fit:

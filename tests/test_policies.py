@@ -155,6 +155,37 @@ def test_fit_recovers_the_mean_of_saturated_demonstrations_and_freezes_the_prior
     assert torch.allclose(log_std.exp().mean(), torch.tensor(0.8), atol=0.1)
 
 
+def test_a_cosine_fit_anneals_the_learning_rate_to_zero_and_a_constant_one_keeps_it(monkeypatch):
+    used = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    obs, actions, _ = saturated_demonstrations(n=256)
+    lrs = {}
+    for schedule in ("constant", "cosine"):
+        model = tilted_model(fit_steps=100, lr=1e-3, fit_schedule=schedule)
+        used.clear()
+        model.policy.fit(FakeData((obs, actions)), torch.Generator().manual_seed(0))
+        lrs[schedule] = list(used)
+    assert lrs["constant"] == [1e-3] * 100
+    cosine = lrs["cosine"]
+    assert len(cosine) == 100 and cosine[0] == 1e-3
+    assert math.isclose(cosine[50], 0.5e-3, rel_tol=1e-6)  # half-way: half the rate
+    assert cosine[-1] < 1e-6 and all(a > b for a, b in zip(cosine, cosine[1:]))
+
+
+def test_a_cosine_fit_still_recovers_the_demonstrations_mean():
+    model = tilted_model(hidden_sizes=[64, 64], fit_steps=1500, lr=1e-3, fit_schedule="cosine")
+    obs, actions, mean = saturated_demonstrations()
+    model.policy.fit(FakeData((obs, actions)), torch.Generator().manual_seed(0))
+    greedy = model.policy.prior.mode(model.encoder(obs[:512]))
+    assert ((greedy - mean[:512]) / torch.tensor(BOX["action_high"])).abs().mean() < 0.115
+
+
 def test_refit_clones_the_episodes_the_learned_reward_ranks_as_expert_like():
     model = tilted_model(hidden_sizes=[32], fit_steps=600, lr=3e-3, relabel_weights="episodes")
     # D: episode 0 acts +0.8 on both dimensions, episode 1 acts -0.8; the reward likes positive actions.
@@ -289,7 +320,8 @@ def test_the_policy_argument_names_a_class_and_its_arguments_and_is_checked_at_o
                           ({"class_path": "bicql_lightning.BiCQLML"}, "is not a policy"),
                           ({"init_args": {"temprature": 2.0}}, "has no argument 'temprature'"),
                           ({"class": "BoltzmannPolicy"}, "takes 'class_path' and 'init_args'"),
-                          ({"init_args": {"temperature": 0.0}}, "temperature must be positive")):
+                          ({"init_args": {"temperature": 0.0}}, "temperature must be positive"),
+                          ({"init_args": {"fit_schedule": "linear"}}, "fit_schedule must be 'constant' or 'cosine'")):
         with pytest.raises(ValueError, match=message):
             BiCQLML(policy=spec)  # no spaces, no data: refused before anything is read
 

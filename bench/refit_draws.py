@@ -1,0 +1,113 @@
+"""How much of a controller's score is the draw of its prior's fit: refit a kept cell's
+acting prior from fresh draws and score each, per learning-rate schedule.
+
+    python -m bench.refit_draws --manifest ../shared/experts/experts.json --data DATA \\
+        --checkpoints CKPT --cells hopper:with-medium:sub20:1:0 --draws 4 \\
+        --schedules constant cosine --results FILE
+
+The cell's trained networks (Q, the reward, the encoder) stay as ``bench.run`` kept them;
+only the prior that acting uses is fitted again, ``--draws`` times per schedule, each from
+a fresh initialisation and minibatch stream seeded by the draw's index (the same seeds for
+every schedule, so draw ``k`` of each schedule starts from the same weights and draws the
+same minibatches). Where the cell refits (sparse demonstrations beside D), that is the
+advantage-weighted refit to D, played untilted; elsewhere it is D_E's prior, tilted by Q.
+Each fit is scored on the protocol's episodes (``bench.run``'s ``EVAL_SEEDS``), one row per
+draw; the printed line gives each schedule's mean and spread over its draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from bench.acting import run_model
+from bench.datasets import read_manifest
+from bench.machine import machine
+from bench.run import EVAL_SEEDS, ROOT, append_line, cell_data, git_commit
+from bicql_lightning import RolloutEvaluation, TiltedPriorPolicy
+from bicql_lightning.callbacks import refit_policy
+
+DRAW_SEED = 7919  # the draws' seeds are DRAW_SEED + k: apart from every training seed
+
+
+def reinitialise(net: torch.nn.Module, seed: int) -> None:
+    """Fresh default initialisation of every layer of ``net``, from ``seed``."""
+    torch.manual_seed(seed)
+    for layer in net.modules():
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+
+
+def draw(model, data, k: int, schedule: str) -> tuple[float, dict[str, float]]:
+    """Normalised score of the cell's controller with its acting prior refitted from draw ``k``."""
+    policy = model.policy
+    policy.fit_schedule = schedule
+    seed = DRAW_SEED + k
+    generator = torch.Generator().manual_seed(seed)
+    metrics: dict[str, float] = {}
+    if policy.refits(data):
+        reinitialise(policy.relabeled_prior, seed)
+        policy.relabeled.fill_(False)
+        policy.revision += 1
+        model._rng().set_state(generator.get_state())  # the refit draws from the module's stream
+        metrics = refit_policy(model, data)
+    else:
+        reinitialise(policy.prior, seed)
+        policy.fitted.fill_(False)
+        policy.fit(data, generator)
+        policy.revision += 1
+    model.eval()
+    result = RolloutEvaluation(every_n_updates=0, episodes=EVAL_SEEDS[1], seed=EVAL_SEEDS[0]).evaluate_module(model, data)
+    return float(result["normalized_score"]), metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--data", required=True, help="Minari root made by bench.datasets")
+    parser.add_argument("--checkpoints", required=True, help="bench.run's --checkpoints folder")
+    parser.add_argument("--cells", nargs="+", required=True, metavar="TASK:REGIME:DEMOS:N:SEED")
+    parser.add_argument("--draws", type=int, default=4)
+    parser.add_argument("--schedules", nargs="+", default=["constant", "cosine"], choices=["constant", "cosine"])
+    parser.add_argument("--results", required=True, help="JSON-lines file, one row per draw (appended to)")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "bench" / "bicql.yaml"))
+    args = parser.parse_args(argv)
+    os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
+    tasks = {t.name: t for t in read_manifest(args.manifest)}
+    config = yaml.safe_load(Path(args.config).read_text())
+    for cell in args.cells:
+        name, regime, demos, n, seed = cell.split(":")
+        if name not in tasks:
+            raise SystemExit(f"task {name!r} is not in {args.manifest} (it has {', '.join(tasks)})")
+        task, n, seed = tasks[name], int(n), int(seed)
+        data = cell_data(task, regime, n, seed, config, demos)
+        data.setup("fit")
+        scores: dict[str, list[float]] = {}
+        for schedule in args.schedules:
+            for k in range(args.draws):
+                model, _ = run_model(task, regime, n, seed, config, demos, args.checkpoints, data=data)
+                if not isinstance(model.policy, TiltedPriorPolicy):
+                    raise SystemExit(f"{cell}: the kept controller is {type(model.policy).__name__}, not the default's")
+                start = time.perf_counter()
+                score, metrics = draw(model, data, k, schedule)
+                scores.setdefault(schedule, []).append(score)
+                row = {"task": name, "regime": regime, "demos": demos, "N": n, "seed": seed, "draw": k,
+                       "schedule": schedule, "prior": "refit" if model.policy.refits(data) else "expert",
+                       "normalized_score": score, "wall_s": round(time.perf_counter() - start, 1),
+                       **{key.replace("/", "_"): round(v, 5) for key, v in metrics.items()},
+                       "commit": git_commit(), "machine": machine(gpu_used=False, threads=True)}
+                append_line(Path(args.results), json.dumps(row))
+                print(f"{cell} {schedule} draw {k}: {score:.1f} ({row['wall_s']} s)", flush=True)
+        print(cell + "  " + "  ".join(f"{s}: {np.mean(v):.1f} ± {np.std(v):.1f} (min {min(v):.1f})"
+                                      for s, v in scores.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

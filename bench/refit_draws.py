@@ -11,6 +11,8 @@ a fresh initialisation and minibatch stream seeded by the draw's index (the same
 every schedule, so draw ``k`` of each schedule starts from the same weights and draws the
 same minibatches). Where the cell refits (sparse demonstrations beside D), that is the
 advantage-weighted refit to D, played untilted; elsewhere it is D_E's prior, tilted by Q.
+With ``--relabel heldout`` whole demonstrations ask held-out pairs on every draw (both of the
+choice's fits on that draw's schedule); where they keep D_E's prior, the kept one acts.
 Each fit is scored on the protocol's episodes (``bench.run``'s ``EVAL_SEEDS``), one row per
 draw; the printed line gives each schedule's mean and spread over its draws.
 """
@@ -52,7 +54,7 @@ def draw(model, data, k: int, schedule: str) -> tuple[float, dict[str, float]]:
     seed = DRAW_SEED + k
     generator = torch.Generator().manual_seed(seed)
     metrics: dict[str, float] = {}
-    if policy.refits(data):
+    if policy.refits(data) or (policy.relabel == "heldout" and not data.offline_is_expert):
         reinitialise(policy.relabeled_prior, seed)
         policy.relabeled.fill_(False)
         policy.revision += 1
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cells", nargs="+", required=True, metavar="TASK:REGIME:DEMOS:N:SEED")
     parser.add_argument("--draws", type=int, default=4)
     parser.add_argument("--schedules", nargs="+", default=["constant", "cosine"], choices=["constant", "cosine"])
+    parser.add_argument("--relabel", choices=["auto", "heldout"], default=None,
+                        help="the controller's relabel rule for these draws (default: the checkpoint's)")
     parser.add_argument("--results", required=True, help="JSON-lines file, one row per draw (appended to)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "bench" / "bicql.yaml"))
     args = parser.parse_args(argv)
@@ -95,11 +99,14 @@ def main(argv: list[str] | None = None) -> None:
                 model, _ = run_model(task, regime, n, seed, config, demos, args.checkpoints, data=data)
                 if not isinstance(model.policy, TiltedPriorPolicy):
                     raise SystemExit(f"{cell}: the kept controller is {type(model.policy).__name__}, not the default's")
+                if args.relabel is not None:
+                    model.policy.relabel = args.relabel
                 start = time.perf_counter()
                 score, metrics = draw(model, data, k, schedule)
                 scores.setdefault(schedule, []).append(score)
                 row = {"task": name, "regime": regime, "demos": demos, "N": n, "seed": seed, "draw": k,
-                       "schedule": schedule, "prior": "refit" if model.policy.refits(data) else "expert",
+                       "schedule": schedule, "relabel": args.relabel,
+                       "prior": "refit" if bool(model.policy.relabeled) else "expert",
                        "normalized_score": score, "wall_s": round(time.perf_counter() - start, 1),
                        **{key.replace("/", "_"): round(v, 5) for key, v in metrics.items()},
                        "commit": git_commit(), "machine": machine(gpu_used=False, threads=True)}

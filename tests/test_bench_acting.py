@@ -212,3 +212,32 @@ def test_prior_choice_scores_both_priors_on_held_out_demonstrations_and_leaves_t
     # From the kept checkpoint again (its random stream too): the same split, fits and scores.
     again = run_model(PendulumTask(tiny), "with-mixed", 1, 0, {}, "full", str(tmp_path))[0]
     assert heldout_fits(again, dm, seed=0, fit_steps=20) == first
+
+
+@pytest.mark.parametrize("demos, refitted", [("sub20", "relabeled_prior"), ("full", "prior")])
+def test_a_refit_draw_fits_only_the_acting_prior_again_and_the_same_draw_gives_the_same_controller(
+        tiny, tmp_path, demos, refitted):
+    from bench.acting import run_model
+    from bench.refit_draws import draw
+
+    _, dm = kept_cell(tiny, tmp_path, demos=demos)
+
+    def load():
+        return run_model(PendulumTask(tiny), "with-mixed", 1, 0, {"data": {"batch_size": 16}}, demos, str(tmp_path),
+                         data=dm)[0]
+
+    def prior(model):
+        return torch.cat([p.flatten() for p in getattr(model.policy, refitted).parameters()])
+
+    first, again, other = load(), load(), load()
+    before = prior(first).clone()
+    others = {k: v.clone() for k, v in first.state_dict().items() if f"policy.{refitted}." not in k}
+    score, _ = draw(first, dm, 0, "constant")
+    assert draw(again, dm, 0, "constant")[0] == score
+    draw(other, dm, 1, "constant")
+    # Sparse demonstrations act from D's refit, whole ones from D_E's prior: that one is fitted
+    # again, the same way for the same draw and otherwise for another; nothing else moves.
+    assert torch.equal(prior(first), prior(again)) and not torch.equal(prior(first), prior(other))
+    assert not torch.equal(prior(first), before)
+    assert all(torch.equal(first.state_dict()[k], v) for k, v in others.items())
+    assert bool(first.policy.relabeled) == (demos == "sub20")

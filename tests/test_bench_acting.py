@@ -241,3 +241,18 @@ def test_a_refit_draw_fits_only_the_acting_prior_again_and_the_same_draw_gives_t
     assert not torch.equal(prior(first), before)
     assert all(torch.equal(first.state_dict()[k], v) for k, v in others.items())
     assert bool(first.policy.relabeled) == (demos == "sub20")
+
+
+def test_the_averaged_prior_is_one_gaussian_with_its_members_mean_and_log_std():
+    from bench.refit_draws import AveragedGaussian
+    from bicql_lightning import GaussianPolicy
+    from test_module import BOX
+
+    torch.manual_seed(0)
+    members = [GaussianPolicy(BOX, [8], "clipped") for _ in range(3)]
+    averaged = AveragedGaussian(members)
+    obs = torch.randn(5, BOX["obs_dim"])
+    mean, log_std = averaged(obs)
+    assert torch.allclose(mean, sum(m(obs)[0] for m in members) / 3)
+    assert torch.allclose(log_std, sum(m(obs)[1] for m in members) / 3)
+    assert torch.allclose(averaged.mode(obs), averaged.from_unit(mean.clamp(-1, 1)))

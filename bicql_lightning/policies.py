@@ -307,7 +307,9 @@ class TiltedPriorPolicy(QPolicy):
         lr: learning rate of those fits.
         fit_schedule: the learning rate over each fit: ``"constant"`` (the default) or
             ``"cosine"``, annealed to 0 over ``fit_steps`` (IQL's actor does this), so the
-            prior kept does not depend on the last few minibatches (``bench/NOTES.md``).
+            prior kept does not depend on the last few minibatches. Not the default: on
+            walker2d, where the score over draws of the fit spreads by 40 points on one Q,
+            annealing does not narrow it, and on hopper it is no better (``bench/NOTES.md``).
         relabel: whether, where D holds more than D_E, the prior is refitted after training
             to D as the trained loop labels it, and acting uses that one: the learned reward
             and Q label logged data cloning cannot (halfcheetah with mixed data: BC on all of

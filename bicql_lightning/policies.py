@@ -322,9 +322,10 @@ class TiltedPriorPolicy(QPolicy):
             98.8, ``bench/NOTES.md``). ``"heldout"`` refits sparse demonstrations too, and
             whole ones where the refit predicts a held-out fifth of D_E's actions better than
             D_E's own prior does (:meth:`heldout_errors`): it keeps D_E's prior beside medium
-            data and lifts walker2d with mixed data (56.8 to 83.4), but it is not the default:
-            it lowered ant (90.5 to 87.1) and, on one draw of the refit, halfcheetah (96.8 to
-            83.4), and hopper, the tuning task, barely moved (``bench/NOTES.md``). ``True``
+            data, and on hopper, the tuning task, it barely moves the score. It is not the
+            default: its lift of walker2d with mixed data (56.8 to 83.4 on one draw per seed)
+            and its costs on ant and halfcheetah did not hold over fresh draws of the fit
+            (walker2d 60.4 over nine, D_E's prior 57.7; ``bench/NOTES.md``). ``True``
             always refits, ``False`` never does.
         relabel_weights: how D's transitions are weighted in that refit. ``"advantage"``
             (the default): every transition, by :func:`advantage_weights` of its soft

@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", required=True, help="JSON-lines file, one row per draw (appended to)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "bench" / "bicql.yaml"))
     args = parser.parse_args(argv)
+    if args.draws < 1 or args.members < 1:
+        parser.error("--draws and --members must be at least 1")
+    if args.members > 1 and args.relabel == "heldout":
+        parser.error("--members averages fits of one prior; with --relabel heldout each fit may pick another one")
     os.environ["MINARI_DATASETS_PATH"] = str(Path(args.data).resolve())
     tasks = {t.name: t for t in read_manifest(args.manifest)}
     config = yaml.safe_load(Path(args.config).read_text())
